@@ -1,0 +1,240 @@
+//! Causal self-attention of one sequence over its cache: plain multi-head attention (tiny; it is
+//! transformers 4.38's LlamaAttention) and multi-head latent attention (small, base).
+
+use candle_core::{Tensor, D};
+use dsvl2_config::LanguageConfig;
+
+use crate::cache::{GrowingTensor, LayerCache};
+use crate::linear::Linear;
+use crate::norm::RmsNorm;
+use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
+use crate::{ModelError, Weights};
+use dsvl2_config::RopeScaling;
+
+/// What every layer's attention needs for one forward call.
+pub struct AttentionInput<'a> {
+    /// `[len, hidden]`, already normalised.
+    pub x: &'a Tensor,
+    /// cos/sin for the positions of `x` (`[len, rope_dim/2]`).
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Additive causal mask `[len, past+len]`, or `None` when `len == 1`.
+    pub mask: Option<&'a Tensor>,
+}
+
+pub enum Attention {
+    Mha(Mha),
+    Mla(Mla),
+}
+
+impl Attention {
+    pub fn load(w: &Weights, prefix: &str, cfg: &LanguageConfig) -> Result<Self, ModelError> {
+        Ok(if cfg.use_mla {
+            Attention::Mla(Mla::load(w, prefix, cfg)?)
+        } else {
+            Attention::Mha(Mha::load(w, prefix, cfg)?)
+        })
+    }
+
+    /// The rotary embedding this attention kind uses.
+    pub fn rotary(cfg: &LanguageConfig) -> RotaryEmbedding {
+        if cfg.use_mla {
+            RotaryEmbedding::new(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), RopeLayout::Interleaved)
+        } else {
+            RotaryEmbedding::new(cfg.mha_head_dim(), cfg.rope_theta, cfg.rope_scaling.as_ref(), RopeLayout::HalfSplit)
+        }
+    }
+
+    pub fn new_cache(&self) -> LayerCache {
+        match self {
+            Attention::Mha(_) => LayerCache::Mha {
+                keys: GrowingTensor::default(),
+                values: GrowingTensor::default(),
+            },
+            Attention::Mla(_) => LayerCache::Mla {
+                latent: GrowingTensor::default(),
+                rope_key: GrowingTensor::default(),
+            },
+        }
+    }
+
+    pub fn forward(&self, input: &AttentionInput, rope: &RotaryEmbedding, cache: &mut LayerCache) -> candle_core::Result<Tensor> {
+        match (self, cache) {
+            (Attention::Mha(a), LayerCache::Mha { keys, values }) => a.forward(input, rope, keys, values),
+            (Attention::Mla(a), LayerCache::Mla { latent, rope_key }) => a.forward(input, rope, latent, rope_key),
+            _ => candle_core::bail!("attention kind and cache kind differ"),
+        }
+    }
+}
+
+/// Softmax of `scores + mask` over the last dimension (in f32, as the reference upcasts).
+fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores.clone(),
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+pub struct Mha {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Mha {
+    fn load(w: &Weights, p: &str, cfg: &LanguageConfig) -> Result<Self, ModelError> {
+        let (d, hd) = (cfg.hidden_size, cfg.mha_head_dim());
+        let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        Ok(Mha {
+            q: Linear::load(w, &format!("{p}.q_proj"), d, h * hd, bias)?,
+            k: Linear::load(w, &format!("{p}.k_proj"), d, kv * hd, bias)?,
+            v: Linear::load(w, &format!("{p}.v_proj"), d, kv * hd, bias)?,
+            o: Linear::load(w, &format!("{p}.o_proj"), h * hd, d, bias)?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        input: &AttentionInput,
+        rope: &RotaryEmbedding,
+        keys: &mut GrowingTensor,
+        values: &mut GrowingTensor,
+    ) -> candle_core::Result<Tensor> {
+        let t = input.x.dim(0)?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        // [t, heads*hd] -> [1, heads, t, hd] for the rotary kernel.
+        let heads_first = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.unsqueeze(0);
+        let q = rope.apply(&heads_first(self.q.forward(input.x)?, h)?, input.cos, input.sin)?;
+        let k = rope.apply(&heads_first(self.k.forward(input.x)?, kv)?, input.cos, input.sin)?;
+        let v = self.v.forward(input.x)?.reshape((t, kv, hd))?;
+        // Cache layout [len, kv_heads, hd]: appending is a contiguous copy.
+        let k_all = keys.append(&k.squeeze(0)?.transpose(0, 1)?)?;
+        let v_all = values.append(&v)?;
+        let s = k_all.dim(0)?;
+        let expand = |x: Tensor| -> candle_core::Result<Tensor> {
+            let x = x.transpose(0, 1)?; // [kv, s, hd]
+            if h == kv {
+                return x.contiguous();
+            }
+            x.unsqueeze(1)?.expand((kv, h / kv, s, hd))?.reshape((h, s, hd))
+        };
+        let (k_all, v_all) = (expand(k_all)?, expand(v_all)?);
+        let q = q.squeeze(0)?; // [h, t, hd]
+        let scores = (q.matmul(&k_all.t()?)? / (hd as f64).sqrt())?;
+        let probs = masked_softmax(&scores, input.mask)?;
+        let out = probs.matmul(&v_all)?; // [h, t, hd]
+        self.o.forward(&out.transpose(0, 1)?.reshape((t, h * hd))?)
+    }
+}
+
+enum QueryProjection {
+    Plain(Linear),
+    /// `q_lora_rank` set: down-projection, RMSNorm, up-projection.
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+pub struct Mla {
+    q: QueryProjection,
+    kv_a: Linear,
+    kv_a_norm: RmsNorm,
+    /// `kv_b_proj` split per head: keys' no-rope part `[heads, nope, rank]`, values `[heads, v, rank]`.
+    w_uk: Tensor,
+    w_uv_t: Tensor,
+    o: Linear,
+    heads: usize,
+    nope: usize,
+    rope_dim: usize,
+    v_dim: usize,
+    rank: usize,
+    softmax_scale: f64,
+}
+
+impl Mla {
+    fn load(w: &Weights, p: &str, cfg: &LanguageConfig) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        let h = cfg.num_attention_heads;
+        let (nope, rope_dim, v_dim, rank) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let q_dim = h * (nope + rope_dim);
+        let bias = cfg.attention_bias;
+        let q = match cfg.q_lora_rank {
+            None => QueryProjection::Plain(Linear::load(w, &format!("{p}.q_proj"), d, q_dim, false)?),
+            Some(r) => QueryProjection::LowRank {
+                a: Linear::load(w, &format!("{p}.q_a_proj"), d, r, bias)?,
+                norm: RmsNorm::load(w, &format!("{p}.q_a_layernorm"), r, cfg.rms_norm_eps)?,
+                b: Linear::load(w, &format!("{p}.q_b_proj"), r, q_dim, false)?,
+            },
+        };
+        let kv_b = w
+            .get(&format!("{p}.kv_b_proj.weight"), &[h * (nope + v_dim), rank])?
+            .reshape((h, nope + v_dim, rank))?;
+        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let mut softmax_scale = ((nope + rope_dim) as f64).powf(-0.5);
+        if let Some(RopeScaling::Yarn { factor, mscale_all_dim, .. }) = &cfg.rope_scaling {
+            if *mscale_all_dim != 0.0 {
+                let m = yarn_mscale(*factor, *mscale_all_dim);
+                softmax_scale *= m * m;
+            }
+        }
+        Ok(Mla {
+            q,
+            kv_a: Linear::load(w, &format!("{p}.kv_a_proj_with_mqa"), d, rank + rope_dim, bias)?,
+            kv_a_norm: RmsNorm::load(w, &format!("{p}.kv_a_layernorm"), rank, cfg.rms_norm_eps)?,
+            w_uk,
+            w_uv_t,
+            o: Linear::load(w, &format!("{p}.o_proj"), h * v_dim, d, bias)?,
+            heads: h,
+            nope,
+            rope_dim,
+            v_dim,
+            rank,
+            softmax_scale,
+        })
+    }
+
+    /// Attention in the absorbed form (the reference's own): queries are mapped into the latent
+    /// space, so keys and values are never expanded per head.
+    fn forward(
+        &self,
+        input: &AttentionInput,
+        rope: &RotaryEmbedding,
+        latent: &mut GrowingTensor,
+        rope_key: &mut GrowingTensor,
+    ) -> candle_core::Result<Tensor> {
+        let x = input.x;
+        let t = x.dim(0)?;
+        let (h, nope, rd) = (self.heads, self.nope, self.rope_dim);
+        let q = match &self.q {
+            QueryProjection::Plain(l) => l.forward(x)?,
+            QueryProjection::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        };
+        let q = q.reshape((t, h, nope + rd))?.transpose(0, 1)?; // [h, t, nope+rope]
+        let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?;
+        let q_rope = rope.apply(&q.narrow(D::Minus1, nope, rd)?.unsqueeze(0)?, input.cos, input.sin)?;
+
+        let kv = self.kv_a.forward(x)?;
+        let c = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?)?;
+        let k_rope = rope.apply(&kv.narrow(1, self.rank, rd)?.reshape((1, 1, t, rd))?, input.cos, input.sin)?;
+        let c_all = latent.append(&c)?; // [s, rank]
+        let k_rope_all = rope_key.append(&k_rope.reshape((t, rd))?)?; // [s, rope]
+        let s = c_all.dim(0)?;
+
+        let q_latent = q_nope.matmul(&self.w_uk)?; // [h, t, rank]
+        let scores_rope = q_rope.reshape((h * t, rd))?.matmul(&k_rope_all.t()?)?;
+        let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;
+        let scores = ((scores_rope + scores_latent)? * self.softmax_scale)?.reshape((h, t, s))?;
+        let probs = masked_softmax(&scores, input.mask)?;
+        let out_latent = probs.reshape((h * t, s))?.matmul(&c_all)?.reshape((h, t, self.rank))?;
+        let out = out_latent.matmul(&self.w_uv_t)?; // [h, t, v]
+        self.o.forward(&out.transpose(0, 1)?.reshape((t, h * self.v_dim))?)
+    }
+}

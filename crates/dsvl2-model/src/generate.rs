@@ -1,0 +1,100 @@
+//! Greedy decoding over a prepared prompt.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::vl::DeepseekVl2;
+use crate::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model wrote its end-of-sentence token.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, including the final EOS when the model wrote one.
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// Refuses a request whose prompt plus new tokens cannot fit the context, before any work.
+pub fn check_context(
+    prompt_tokens: usize,
+    image_tokens: &[usize],
+    max_new_tokens: usize,
+    context: usize,
+) -> Result<(), ModelError> {
+    if prompt_tokens + max_new_tokens <= context {
+        return Ok(());
+    }
+    let per_image = if image_tokens.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = image_tokens.iter().map(|n| n.to_string()).collect();
+        format!(": {} per image", list.join(" + "))
+    };
+    Err(ModelError::ContextOverflow {
+        prompt_tokens,
+        image_tokens: image_tokens.iter().sum(),
+        per_image,
+        max_new_tokens,
+        context,
+    })
+}
+
+/// Index of the largest logit (first one on ties, like `torch.argmax`).
+pub fn argmax(logits: &Tensor) -> Result<u32, ModelError> {
+    let values: Vec<f32> = logits.to_vec1()?;
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    Ok(best as u32)
+}
+
+/// Greedy generation from `embeds` (`[len, hidden]`, from [`DeepseekVl2::embed_inputs`]).
+/// `on_token` sees each new id as it is chosen; returning `false` stops early.
+pub fn greedy_generate(
+    model: &DeepseekVl2,
+    embeds: &Tensor,
+    eos: Option<u32>,
+    max_new_tokens: usize,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation, ModelError> {
+    let mut cache = model.new_cache();
+    let started = Instant::now();
+    let mut logits = model.forward_embeds(embeds, &mut cache, None)?;
+    let prefill_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut tokens = Vec::new();
+    let mut finish_reason = FinishReason::Length;
+    while tokens.len() < max_new_tokens {
+        let next = argmax(&logits.flatten_all()?)?;
+        tokens.push(next);
+        let keep_going = on_token(next);
+        if Some(next) == eos {
+            finish_reason = FinishReason::Stop;
+            break;
+        }
+        if !keep_going || tokens.len() == max_new_tokens {
+            break;
+        }
+        logits = model.step(next, &mut cache)?;
+    }
+    Ok(Generation {
+        tokens,
+        finish_reason,
+        prefill_seconds,
+        decode_seconds: started.elapsed().as_secs_f64(),
+    })
+}

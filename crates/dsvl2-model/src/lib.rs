@@ -1,0 +1,31 @@
+//! The DeepSeek-VL2 model on candle: SigLIP vision tower, projector, the 2D image-token layout,
+//! and the DeepseekV2 (DeepSeekMoE) language model with MHA (tiny) or MLA (small, base).
+//!
+//! Everything is checked against the official implementation's golden outputs in
+//! `tests/fixtures` (see its README for the reference's pipeline and quirks).
+
+mod attention;
+mod cache;
+mod error;
+mod generate;
+mod language;
+mod linear;
+mod moe;
+mod norm;
+mod projector;
+mod rope;
+mod vision;
+mod vl;
+mod weights;
+
+pub use cache::SequenceCache;
+pub use error::ModelError;
+pub use generate::{argmax, check_context, greedy_generate, FinishReason, Generation};
+pub use language::LanguageModel;
+pub use linear::Linear;
+pub use projector::Projector;
+pub use vision::VisionTower;
+pub use vl::{DeepseekVl2, ImageInputs, LayerTrace};
+pub use weights::Weights;
+
+pub use candle_core::{DType, Device, Tensor};
