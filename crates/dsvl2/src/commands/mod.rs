@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod prepare;
+pub mod generate;
+pub mod request;

@@ -1,0 +1,34 @@
+//! `dsvl2`: run DeepSeek-VL2 vision-language models.
+
+mod commands;
+mod stream;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dsvl2", version, about = "Run DeepSeek-VL2 vision-language models on CPU", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what the processor makes of a request: prompt tokens, image masks, tile grids, pixels.
+    Prepare(commands::prepare::PrepareArgs),
+    /// Answer a prompt about images: streams the text to stdout, or prints one JSON object.
+    Generate(commands::generate::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Prepare(args) => commands::prepare::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+    };
+    if let Err(err) = result {
+        // `{:#}` prints the whole cause chain on one line: "cannot open x: no such file".
+        eprintln!("error: {err:#}");
+        std::process::exit(2);
+    }
+}
