@@ -200,17 +200,28 @@ impl RawLanguageConfig {
     /// Resolves defaults and refuses what the reference would not run (or we do not support).
     pub(crate) fn resolve(self, path: &Path) -> Result<LanguageConfig, ConfigError> {
         let key = |k: &str| format!("language_config.{k}");
-        let unsupported = |k: &str, v: &dyn std::fmt::Display, why: &str| {
-            ConfigError::unsupported(path, &key(k), v, why)
-        };
+        let unsupported =
+            |k: &str, v: &dyn std::fmt::Display, why: &str| ConfigError::unsupported(path, &key(k), v, why);
         if self.hidden_act != "silu" {
-            return Err(unsupported("hidden_act", &self.hidden_act, "only \"silu\" is implemented"));
+            return Err(unsupported(
+                "hidden_act",
+                &self.hidden_act,
+                "only \"silu\" is implemented",
+            ));
         }
         if self.pretraining_tp != 1 {
-            return Err(unsupported("pretraining_tp", &self.pretraining_tp, "only 1 is implemented"));
+            return Err(unsupported(
+                "pretraining_tp",
+                &self.pretraining_tp,
+                "only 1 is implemented",
+            ));
         }
         if self.ep_size != 1 {
-            return Err(unsupported("ep_size", &self.ep_size, "expert parallelism is not implemented"));
+            return Err(unsupported(
+                "ep_size",
+                &self.ep_size,
+                "expert parallelism is not implemented",
+            ));
         }
         for (k, v) in [
             ("hidden_size", self.hidden_size),
@@ -241,7 +252,11 @@ impl RawLanguageConfig {
                 ));
             }
             if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
-                return Err(unsupported("hidden_size", &self.hidden_size, "head_dim must be even for rotary embeddings"));
+                return Err(unsupported(
+                    "hidden_size",
+                    &self.hidden_size,
+                    "head_dim must be even for rotary embeddings",
+                ));
             }
         }
         // MLA dimensions: required with use_mla (the tiny config writes them as null).
@@ -294,7 +309,11 @@ impl RawLanguageConfig {
                     }
                 }
                 if self.topk_method == TopkMethod::NoauxTc && n_routed_experts / n_group < 2 {
-                    return Err(unsupported("n_group", &n_group, "noaux_tc needs at least 2 experts per group"));
+                    return Err(unsupported(
+                        "n_group",
+                        &n_group,
+                        "noaux_tc needs at least 2 experts per group",
+                    ));
                 }
                 Some(MoeConfig {
                     n_routed_experts,
@@ -346,11 +365,17 @@ fn parse_rope_scaling(
     let key = |k: &str| format!("language_config.rope_scaling.{k}");
     let number = |k: &str, default: Option<f64>| -> Result<f64, ConfigError> {
         match map.get(k) {
-            Some(v) => v.as_f64().ok_or_else(|| ConfigError::unsupported(path, &key(k), v, "must be a number")),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| ConfigError::unsupported(path, &key(k), v, "must be a number")),
             None => default.ok_or_else(|| ConfigError::unsupported(path, &key(k), "absent", "required")),
         }
     };
-    let kind = map.get("type").or_else(|| map.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("");
+    let kind = map
+        .get("type")
+        .or_else(|| map.get("rope_type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let factor = number("factor", None)?;
     match kind {
         "linear" => Ok(RopeScaling::Linear { factor }),

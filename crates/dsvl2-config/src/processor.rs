@@ -67,10 +67,20 @@ impl ProcessorConfig {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         crate::vl::validate_resolutions(&self.candidate_resolutions, path, "candidate_resolutions")?;
         if self.patch_size == 0 || self.patch_size > self.image_size() {
-            return Err(ConfigError::unsupported(path, "patch_size", self.patch_size, "must be between 1 and the tile size"));
+            return Err(ConfigError::unsupported(
+                path,
+                "patch_size",
+                self.patch_size,
+                "must be between 1 and the tile size",
+            ));
         }
         if self.downsample_ratio == 0 {
-            return Err(ConfigError::unsupported(path, "downsample_ratio", 0, "must be at least 1"));
+            return Err(ConfigError::unsupported(
+                path,
+                "downsample_ratio",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.sft_format != "deepseek" {
             return Err(ConfigError::unsupported(
@@ -81,7 +91,12 @@ impl ProcessorConfig {
             ));
         }
         if self.normalize && self.image_std.iter().any(|s| *s == 0.0) {
-            return Err(ConfigError::unsupported(path, "image_std", format!("{:?}", self.image_std), "must be non-zero"));
+            return Err(ConfigError::unsupported(
+                path,
+                "image_std",
+                format!("{:?}", self.image_std),
+                "must be non-zero",
+            ));
         }
         Ok(())
     }

@@ -170,27 +170,55 @@ impl ModelConfig {
         let unsupported = |k: &str, v: &dyn std::fmt::Display, why: &str| ConfigError::unsupported(path, k, v, why);
         if let Some(t) = &raw.model_type {
             if t != "deepseek_vl_v2" {
-                return Err(unsupported("model_type", &format!("{t:?}"), "expected \"deepseek_vl_v2\""));
+                return Err(unsupported(
+                    "model_type",
+                    &format!("{t:?}"),
+                    "expected \"deepseek_vl_v2\"",
+                ));
             }
         }
-        let tile_tag = raw
-            .tile_tag
-            .ok_or_else(|| unsupported("tile_tag", &"absent", "the reference requires \"2D\" (\"1D\" has no released checkpoint)"))?;
+        let tile_tag = raw.tile_tag.ok_or_else(|| {
+            unsupported(
+                "tile_tag",
+                &"absent",
+                "the reference requires \"2D\" (\"1D\" has no released checkpoint)",
+            )
+        })?;
         if raw.global_view_pos != GlobalViewPos::Head {
-            return Err(unsupported("global_view_pos", &"\"tail\"", "only \"head\" (every released checkpoint) is implemented"));
+            return Err(unsupported(
+                "global_view_pos",
+                &"\"tail\"",
+                "only \"head\" (every released checkpoint) is implemented",
+            ));
         }
         let v = &raw.vision_config;
         if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(unsupported("vision_config.patch_size", &v.patch_size, "must be between 1 and image_size"));
+            return Err(unsupported(
+                "vision_config.patch_size",
+                &v.patch_size,
+                "must be between 1 and image_size",
+            ));
         }
         if v.heads == 0 || v.width % v.heads != 0 {
-            return Err(unsupported("vision_config.heads", &v.heads, "must divide vision_config.width"));
+            return Err(unsupported(
+                "vision_config.heads",
+                &v.heads,
+                "must divide vision_config.width",
+            ));
         }
         if v.class_token {
-            return Err(unsupported("vision_config.class_token", &true, "DeepSeek-VL2 towers have no class token"));
+            return Err(unsupported(
+                "vision_config.class_token",
+                &true,
+                "DeepSeek-VL2 towers have no class token",
+            ));
         }
         if !v.ignore_head {
-            return Err(unsupported("vision_config.ignore_head", &false, "the pooling head is not used by DeepSeek-VL2"));
+            return Err(unsupported(
+                "vision_config.ignore_head",
+                &false,
+                "the pooling head is not used by DeepSeek-VL2",
+            ));
         }
         let p = &raw.projector_config;
         if p.projector_type != ProjectorType::DownsampleMlpGelu {
@@ -204,7 +232,11 @@ impl ModelConfig {
             return Err(unsupported("projector_config.token_pooling", &true, "not implemented"));
         }
         if p.depth == 0 || p.downsample_ratio == 0 || p.mlp_ratio == 0 {
-            return Err(unsupported("projector_config.depth", &p.depth, "depth, mlp_ratio and downsample_ratio must be at least 1"));
+            return Err(unsupported(
+                "projector_config.depth",
+                &p.depth,
+                "depth, mlp_ratio and downsample_ratio must be at least 1",
+            ));
         }
         if p.input_dim != v.width {
             return Err(unsupported(
@@ -238,7 +270,12 @@ impl ModelConfig {
 /// one's width, the processor's tile size.
 pub(crate) fn validate_resolutions(res: &[[u32; 2]], path: &Path, key: &str) -> Result<(), ConfigError> {
     let Some(first) = res.first() else {
-        return Err(ConfigError::unsupported(path, key, "[]", "needs at least one [width, height]"));
+        return Err(ConfigError::unsupported(
+            path,
+            key,
+            "[]",
+            "needs at least one [width, height]",
+        ));
     };
     let tile = first[0];
     for (i, r) in res.iter().enumerate() {

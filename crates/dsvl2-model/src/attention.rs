@@ -39,9 +39,19 @@ impl Attention {
     /// The rotary embedding this attention kind uses.
     pub fn rotary(cfg: &LanguageConfig) -> RotaryEmbedding {
         if cfg.use_mla {
-            RotaryEmbedding::new(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), RopeLayout::Interleaved)
+            RotaryEmbedding::new(
+                cfg.qk_rope_head_dim,
+                cfg.rope_theta,
+                cfg.rope_scaling.as_ref(),
+                RopeLayout::Interleaved,
+            )
         } else {
-            RotaryEmbedding::new(cfg.mha_head_dim(), cfg.rope_theta, cfg.rope_scaling.as_ref(), RopeLayout::HalfSplit)
+            RotaryEmbedding::new(
+                cfg.mha_head_dim(),
+                cfg.rope_theta,
+                cfg.rope_scaling.as_ref(),
+                RopeLayout::HalfSplit,
+            )
         }
     }
 
@@ -58,7 +68,12 @@ impl Attention {
         }
     }
 
-    pub fn forward(&self, input: &AttentionInput, rope: &RotaryEmbedding, cache: &mut LayerCache) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        input: &AttentionInput,
+        rope: &RotaryEmbedding,
+        cache: &mut LayerCache,
+    ) -> candle_core::Result<Tensor> {
         match (self, cache) {
             (Attention::Mha(a), LayerCache::Mha { keys, values }) => a.forward(input, rope, keys, values),
             (Attention::Mla(a), LayerCache::Mla { latent, rope_key }) => a.forward(input, rope, latent, rope_key),
@@ -139,7 +154,11 @@ impl Mha {
 enum QueryProjection {
     Plain(Linear),
     /// `q_lora_rank` set: down-projection, RMSNorm, up-projection.
-    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+    LowRank {
+        a: Linear,
+        norm: RmsNorm,
+        b: Linear,
+    },
 }
 
 pub struct Mla {
@@ -162,7 +181,12 @@ impl Mla {
     fn load(w: &Weights, p: &str, cfg: &LanguageConfig) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
         let h = cfg.num_attention_heads;
-        let (nope, rope_dim, v_dim, rank) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let (nope, rope_dim, v_dim, rank) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
         let q_dim = h * (nope + rope_dim);
         let bias = cfg.attention_bias;
         let q = match cfg.q_lora_rank {
@@ -179,7 +203,10 @@ impl Mla {
         let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
         let mut softmax_scale = ((nope + rope_dim) as f64).powf(-0.5);
-        if let Some(RopeScaling::Yarn { factor, mscale_all_dim, .. }) = &cfg.rope_scaling {
+        if let Some(RopeScaling::Yarn {
+            factor, mscale_all_dim, ..
+        }) = &cfg.rope_scaling
+        {
             if *mscale_all_dim != 0.0 {
                 let m = yarn_mscale(*factor, *mscale_all_dim);
                 softmax_scale *= m * m;
@@ -223,7 +250,11 @@ impl Mla {
 
         let kv = self.kv_a.forward(x)?;
         let c = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?)?;
-        let k_rope = rope.apply(&kv.narrow(1, self.rank, rd)?.reshape((1, 1, t, rd))?, input.cos, input.sin)?;
+        let k_rope = rope.apply(
+            &kv.narrow(1, self.rank, rd)?.reshape((1, 1, t, rd))?,
+            input.cos,
+            input.sin,
+        )?;
         let c_all = latent.append(&c)?; // [s, rank]
         let k_rope_all = rope_key.append(&k_rope.reshape((t, rd))?)?; // [s, rope]
         let s = c_all.dim(0)?;

@@ -44,7 +44,10 @@ pub enum LayerCache {
     /// Rotated keys and values, `[len, kv_heads, head_dim]` each.
     Mha { keys: GrowingTensor, values: GrowingTensor },
     /// Normalised latent `[len, kv_lora_rank]` and rotated shared key `[len, rope_dim]`.
-    Mla { latent: GrowingTensor, rope_key: GrowingTensor },
+    Mla {
+        latent: GrowingTensor,
+        rope_key: GrowingTensor,
+    },
 }
 
 /// Everything one sequence needs to continue decoding.

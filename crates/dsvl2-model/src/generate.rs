@@ -1,9 +1,10 @@
-//! Greedy decoding over a prepared prompt.
+//! The decoding loop over a prepared prompt.
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 
+use crate::sampling::Sampler;
 use crate::vl::DeepseekVl2;
 use crate::ModelError;
 
@@ -50,23 +51,14 @@ pub fn check_context(
     })
 }
 
-/// Index of the largest logit (first one on ties, like `torch.argmax`).
-pub fn argmax(logits: &Tensor) -> Result<u32, ModelError> {
-    let values: Vec<f32> = logits.to_vec1()?;
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    Ok(best as u32)
-}
-
-/// Greedy generation from `embeds` (`[len, hidden]`, from [`DeepseekVl2::embed_inputs`]).
-/// `on_token` sees each new id as it is chosen; returning `false` stops early.
-pub fn greedy_generate(
+/// Generation from `embeds` (`[len, hidden]`, from [`DeepseekVl2::embed_inputs`]) of the prompt
+/// `prompt_ids` (the repetition penalty sees them). `on_token` sees each new id as it is chosen;
+/// returning `false` stops early.
+pub fn generate(
     model: &DeepseekVl2,
     embeds: &Tensor,
+    prompt_ids: &[u32],
+    sampler: &mut Sampler,
     eos: Option<u32>,
     max_new_tokens: usize,
     mut on_token: impl FnMut(u32) -> bool,
@@ -76,11 +68,13 @@ pub fn greedy_generate(
     let mut logits = model.forward_embeds(embeds, &mut cache, None)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
+    let mut seen = prompt_ids.to_vec();
     let mut tokens = Vec::new();
     let mut finish_reason = FinishReason::Length;
     while tokens.len() < max_new_tokens {
-        let next = argmax(&logits.flatten_all()?)?;
+        let next = sampler.next(logits.to_vec1()?, &seen);
         tokens.push(next);
+        seen.push(next);
         let keep_going = on_token(next);
         if Some(next) == eos {
             finish_reason = FinishReason::Stop;

@@ -46,7 +46,12 @@ impl LanguageModel {
                 Ok(DecoderLayer {
                     input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), d, cfg.rms_norm_eps)?,
                     attention: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-                    post_attention_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+                    post_attention_norm: RmsNorm::load(
+                        w,
+                        &format!("{p}.post_attention_layernorm"),
+                        d,
+                        cfg.rms_norm_eps,
+                    )?,
                     ffn,
                 })
             })
@@ -96,7 +101,12 @@ impl LanguageModel {
     /// [`PREFILL_CHUNK`], and returns the final-norm hidden state of the LAST position `[hidden]`.
     /// With `trace`, also records each layer's input at the last position, then the final output
     /// (the reference's `output_hidden_states` at that position).
-    pub fn forward(&self, embeds: &Tensor, cache: &mut SequenceCache, mut trace: Option<&mut Vec<Tensor>>) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut SequenceCache,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor, ModelError> {
         let len = embeds.dim(0)?;
         if len == 0 {
             return Err(ModelError::Input("nothing to run: zero tokens".into()));
@@ -121,11 +131,20 @@ impl LanguageModel {
         Ok(last.expect("at least one chunk ran"))
     }
 
-    fn forward_chunk(&self, x: &Tensor, cache: &mut SequenceCache, mut trace: Option<&mut Vec<Tensor>>) -> Result<Tensor, ModelError> {
+    fn forward_chunk(
+        &self,
+        x: &Tensor,
+        cache: &mut SequenceCache,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor, ModelError> {
         let n = x.dim(0)?;
         let past = cache.len;
         let (cos, sin) = self.rope.tables(past, n, &self.device)?;
-        let mask = if n > 1 { Some(causal_mask(n, past, &self.device)?) } else { None };
+        let mask = if n > 1 {
+            Some(causal_mask(n, past, &self.device)?)
+        } else {
+            None
+        };
         let mut h = x.to_dtype(DType::F32)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             if let Some(t) = trace.as_deref_mut() {
@@ -150,7 +169,11 @@ impl LanguageModel {
 
     /// LM-head logits `[vocab]` for a final hidden state `[hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.lm_head.forward(&hidden.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward(&hidden.unsqueeze(0)?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
     }
 }
 

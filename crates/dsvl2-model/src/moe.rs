@@ -56,7 +56,11 @@ impl Router {
         let e = cfg.n_routed_experts;
         let weight = w.get(&format!("{p}.weight"), &[e, hidden])?.to_dtype(DType::F32)?;
         let correction_bias = if cfg.topk_method == TopkMethod::NoauxTc {
-            Some(w.get(&format!("{p}.e_score_correction_bias"), &[e])?.to_dtype(DType::F32)?.to_vec1()?)
+            Some(
+                w.get(&format!("{p}.e_score_correction_bias"), &[e])?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            )
         } else {
             None
         };
@@ -143,7 +147,12 @@ impl Moe {
             .map(|i| Mlp::load(w, &format!("{p}.experts.{i}"), d, moe.moe_intermediate_size))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = if moe.n_shared_experts > 0 {
-            Some(Mlp::load(w, &format!("{p}.shared_experts"), d, moe.moe_intermediate_size * moe.n_shared_experts)?)
+            Some(Mlp::load(
+                w,
+                &format!("{p}.shared_experts"),
+                d,
+                moe.moe_intermediate_size * moe.n_shared_experts,
+            )?)
         } else {
             None
         };

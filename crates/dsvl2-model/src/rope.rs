@@ -70,7 +70,8 @@ impl RotaryEmbedding {
                 let extra = base_inv_freq(dim, base, 1.0);
                 let inter = base_inv_freq(dim, base, *factor as f32);
                 let correction_dim = |rotations: f64| {
-                    dim as f64 * (*original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    dim as f64
+                        * (*original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
                         / (2.0 * base.ln())
                 };
                 let low = correction_dim(*beta_fast).floor().max(0.0);

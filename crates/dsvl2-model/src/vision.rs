@@ -112,4 +112,3 @@ impl VisionTower {
         block.proj.forward(&out)
     }
 }
-

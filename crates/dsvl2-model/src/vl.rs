@@ -86,7 +86,10 @@ impl DeepseekVl2 {
     }
 
     fn tokens_per_side(&self) -> usize {
-        self.config.vision.grid_size().div_ceil(self.config.projector.downsample_ratio)
+        self.config
+            .vision
+            .grid_size()
+            .div_ceil(self.config.projector.downsample_ratio)
     }
 
     /// The language model's input `[len, hidden]`: token embeddings, with the image embeddings
@@ -186,7 +189,12 @@ impl DeepseekVl2 {
     }
 
     /// Runs `embeds` after what `cache` holds; returns the logits `[vocab]` of the last position.
-    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut SequenceCache, trace: Option<&mut LayerTrace>) -> Result<Tensor, ModelError> {
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        cache: &mut SequenceCache,
+        trace: Option<&mut LayerTrace>,
+    ) -> Result<Tensor, ModelError> {
         let hidden = match trace {
             Some(t) => {
                 t.inputs_embeds = Some(embeds.clone());

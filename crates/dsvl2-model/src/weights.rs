@@ -62,19 +62,13 @@ impl Weights {
                 if let Some(previous) = entries.insert(name.clone(), entry) {
                     return Err(ModelError::Weights {
                         path: path.clone(),
-                        message: format!(
-                            "tensor `{name}` is also in {}",
-                            paths[previous.file].display()
-                        ),
+                        message: format!("tensor `{name}` is also in {}", paths[previous.file].display()),
                     });
                 }
             }
             mapped.push((path.clone(), mmap));
         }
-        if let WeightFiles::Sharded {
-            index, weight_map, ..
-        } = files
-        {
+        if let WeightFiles::Sharded { index, weight_map, .. } = files {
             for (name, file) in weight_map {
                 match entries.get(name) {
                     Some(e) if &paths[e.file] == file => {}
@@ -132,9 +126,10 @@ impl Weights {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
-        let entry = self.entries.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-        })?;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
         self.used.borrow_mut().insert(name.to_string());
         Ok(entry)
     }
@@ -170,12 +165,7 @@ impl Weights {
     /// Fails if the checkpoint holds tensors that were never asked for.
     pub fn finish(self) -> Result<(), ModelError> {
         let used = self.used.into_inner();
-        let unused: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|n| !used.contains(*n))
-            .cloned()
-            .collect();
+        let unused: Vec<String> = self.entries.keys().filter(|n| !used.contains(*n)).cloned().collect();
         if unused.is_empty() {
             return Ok(());
         }

@@ -55,16 +55,25 @@ fn missing_tensor_is_named() {
         t.remove("language.model.layers.1.mlp.experts.3.up_proj.weight");
     });
     let msg = load_error(dir.path());
-    assert!(msg.contains("missing tensor `language.model.layers.1.mlp.experts.3.up_proj.weight`"), "{msg}");
+    assert!(
+        msg.contains("missing tensor `language.model.layers.1.mlp.experts.3.up_proj.weight`"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let dir = edited_copy(|t| {
-        t.insert("language.model.layers.9.extra.weight".into(), (Dtype::F32, vec![2], vec![0; 8]));
+        t.insert(
+            "language.model.layers.9.extra.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
     });
     let msg = load_error(dir.path());
-    assert!(msg.contains("1 tensor(s) this model does not use: language.model.layers.9.extra.weight"), "{msg}");
+    assert!(
+        msg.contains("1 tensor(s) this model does not use: language.model.layers.9.extra.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -75,7 +84,10 @@ fn misshaped_tensor_is_named_with_both_shapes() {
         data.truncate(data.len() - 4);
     });
     let msg = load_error(dir.path());
-    assert!(msg.contains("`vision.blocks.0.attn.qkv.bias` has shape [143], expected [144]"), "{msg}");
+    assert!(
+        msg.contains("`vision.blocks.0.attn.qkv.bias` has shape [143], expected [144]"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use dsvl2_config::ModelDir;
-use dsvl2_model::{argmax, DType, DeepseekVl2, Device, ImageInputs, LayerTrace, Tensor};
+use dsvl2_model::sampling::argmax as argmax_of;
+use dsvl2_model::{DType, DeepseekVl2, Device, ImageInputs, LayerTrace, Tensor};
 use serde_json::Value;
 
 const TOL_VISION: f32 = 5e-5;
@@ -19,6 +20,10 @@ const TOL_PROJECTOR: f32 = 5e-5;
 const TOL_EMBEDS: f32 = 5e-5;
 const TOL_HIDDEN: f32 = 1e-4;
 const TOL_LOGITS: f32 = 2e-4;
+
+fn argmax(logits: &Tensor) -> u32 {
+    argmax_of(&logits.to_vec1::<f32>().unwrap())
+}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -35,8 +40,18 @@ fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
 
 /// Largest absolute difference and where it is (flat index), after checking shapes.
 fn max_abs_diff(stage: &str, ours: &Tensor, reference: &Tensor) -> (f32, usize, f32, f32) {
-    assert_eq!(ours.dims(), reference.dims(), "{stage}: shape differs (ours vs reference)");
-    let a: Vec<f32> = ours.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+    assert_eq!(
+        ours.dims(),
+        reference.dims(),
+        "{stage}: shape differs (ours vs reference)"
+    );
+    let a: Vec<f32> = ours
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let b: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
     let mut worst = (0.0f32, 0usize, 0.0f32, 0.0f32);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -56,7 +71,15 @@ struct Report {
 }
 
 impl Report {
-    fn check(&mut self, stage: &'static str, detail: &str, ours: &Tensor, reference: &Tensor, tol: f32, row_len: usize) {
+    fn check(
+        &mut self,
+        stage: &'static str,
+        detail: &str,
+        ours: &Tensor,
+        reference: &Tensor,
+        tol: f32,
+        row_len: usize,
+    ) {
         let (d, i, x, y) = max_abs_diff(stage, ours, reference);
         let e = self.worst.entry(stage).or_insert(0.0);
         *e = e.max(d);
@@ -77,7 +100,9 @@ fn tile_pixels(case_dir: &Path, processor: &Value) -> Tensor {
     let mut data = Vec::new();
     for t in tiles {
         let path = case_dir.join(t["png"].as_str().unwrap());
-        let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
+        let img = image::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .to_rgb8();
         let (w, h) = img.dimensions();
         for c in 0..3 {
             for y in 0..h {
@@ -129,32 +154,71 @@ fn run_variant(variant: &str) {
             pixel_values: p,
             spatial_crop: &crop,
         });
-        let embeds = model.embed_inputs(&ids, &mask, images, Some(&mut trace)).expect("embed_inputs");
+        let embeds = model
+            .embed_inputs(&ids, &mask, images, Some(&mut trace))
+            .expect("embed_inputs");
         if pixels.is_some() {
             let vision = load_tensors(&case_dir.join("vision.safetensors"));
             let w = vision["vision_features"].dim(2).unwrap();
-            report.check("vision_features", "", trace.vision_features.as_ref().unwrap(), &vision["vision_features"], TOL_VISION, w);
+            report.check(
+                "vision_features",
+                "",
+                trace.vision_features.as_ref().unwrap(),
+                &vision["vision_features"],
+                TOL_VISION,
+                w,
+            );
             let d = vision["projector_out"].dim(2).unwrap();
-            report.check("projector_out", "", trace.projector_out.as_ref().unwrap(), &vision["projector_out"], TOL_PROJECTOR, d);
+            report.check(
+                "projector_out",
+                "",
+                trace.projector_out.as_ref().unwrap(),
+                &vision["projector_out"],
+                TOL_PROJECTOR,
+                d,
+            );
         }
         let d = embeds.dim(1).unwrap();
         report.check("inputs_embeds", "", &embeds, &golden["inputs_embeds"], TOL_EMBEDS, d);
 
         let mut cache = model.new_cache();
-        let logits = model.forward_embeds(&embeds, &mut cache, Some(&mut trace)).expect("prefill");
+        let logits = model
+            .forward_embeds(&embeds, &mut cache, Some(&mut trace))
+            .expect("prefill");
         let hidden = Tensor::stack(&trace.hidden_last, 0).unwrap();
-        report.check("prefill_hidden_last", " (row = layer)", &hidden, &golden["prefill_hidden_last"], TOL_HIDDEN, d);
-        report.check("prefill_last_logits", "", &logits, &golden["prefill_last_logits"], TOL_LOGITS, usize::MAX);
+        report.check(
+            "prefill_hidden_last",
+            " (row = layer)",
+            &hidden,
+            &golden["prefill_hidden_last"],
+            TOL_HIDDEN,
+            d,
+        );
+        report.check(
+            "prefill_last_logits",
+            "",
+            &logits,
+            &golden["prefill_last_logits"],
+            TOL_LOGITS,
+            usize::MAX,
+        );
 
         let generated: Vec<u32> = serde_json::from_value(expected["generated_ids"].clone()).unwrap();
         let step_logits = &golden["step_logits"];
-        let mut ours_tokens = vec![argmax(&logits).unwrap()];
+        let mut ours_tokens = vec![argmax(&logits)];
         for i in 1..generated.len() {
             // Teacher forcing: feed the reference's token i-1.
             let logits = model.step(generated[i - 1], &mut cache).expect("decode step");
             let reference = step_logits.get(i).unwrap();
-            report.check("step_logits", &format!(" step {i}"), &logits, &reference, TOL_LOGITS, usize::MAX);
-            ours_tokens.push(argmax(&logits).unwrap());
+            report.check(
+                "step_logits",
+                &format!(" step {i}"),
+                &logits,
+                &reference,
+                TOL_LOGITS,
+                usize::MAX,
+            );
+            ours_tokens.push(argmax(&logits));
         }
         if ours_tokens != generated {
             let first = ours_tokens.iter().zip(&generated).position(|(a, b)| a != b).unwrap();

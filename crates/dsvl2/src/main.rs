@@ -1,7 +1,6 @@
 //! `dsvl2`: run DeepSeek-VL2 vision-language models.
 
 mod commands;
-mod stream;
 
 use clap::{Parser, Subcommand};
 

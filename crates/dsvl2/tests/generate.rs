@@ -11,7 +11,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn dsvl2(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsvl2")).args(args).output().expect("dsvl2 runs")
+    Command::new(env!("CARGO_BIN_EXE_dsvl2"))
+        .args(args)
+        .output()
+        .expect("dsvl2 runs")
 }
 
 fn model(variant: &str) -> String {
@@ -25,12 +28,21 @@ fn fixture(rel: &str) -> String {
 fn expected_ids(case: &str, variant: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(fixtures().join("cases").join(case).join(format!("{variant}.json"))).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 fn run_json(args: &[&str]) -> Value {
     let out = dsvl2(args);
-    assert!(out.status.success(), "dsvl2 {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dsvl2 {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
@@ -47,10 +59,23 @@ fn greedy_json_matches_reference_for_every_variant() {
             &fixture("images/wide_street.png"),
             "--max-new-tokens",
             "24",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
             "--json",
         ]);
-        let ids: Vec<u64> = report["output_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-        assert_eq!(ids, expected_ids("single_wide", variant), "{variant}: greedy tokens differ from the reference");
+        let ids: Vec<u64> = report["output_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            expected_ids("single_wide", variant),
+            "{variant}: greedy tokens differ from the reference"
+        );
         assert_eq!(report["finish_reason"], "length");
         assert_eq!(report["prompt_tokens"].as_array().unwrap().len(), 831);
         assert!(report["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -62,7 +87,9 @@ fn greedy_json_matches_reference_for_every_variant() {
 fn conversation_file_matches_reference() {
     // The case's conversation, with image paths made absolute (a file's relative paths would be
     // resolved against the temporary folder).
-    let input: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases/multi_turn_system/input.json")).unwrap()).unwrap();
+    let input: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases/multi_turn_system/input.json")).unwrap())
+            .unwrap();
     let mut conversation = input["conversation"].clone();
     for message in conversation.as_array_mut().unwrap() {
         if let Some(images) = message.get_mut("images") {
@@ -84,17 +111,42 @@ fn conversation_file_matches_reference() {
         input["system_prompt"].as_str().unwrap(),
         "--max-new-tokens",
         "24",
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
         "--json",
     ]);
-    let ids: Vec<u64> = report["output_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let ids: Vec<u64> = report["output_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(ids, expected_ids("multi_turn_system", "small-like"));
 }
 
 #[test]
 fn streamed_text_equals_json_text() {
-    let args = ["generate", "--model", &model("tiny-like"), "--prompt", "hello there", "--max-new-tokens", "12"];
+    let args = [
+        "generate",
+        "--model",
+        &model("tiny-like"),
+        "--prompt",
+        "hello there",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "7",
+        "--temperature",
+        "1",
+    ];
     let streamed = dsvl2(&args);
-    assert!(streamed.status.success(), "{}", String::from_utf8_lossy(&streamed.stderr));
+    assert!(
+        streamed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&streamed.stderr)
+    );
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let report = run_json(&json_args);
@@ -105,7 +157,11 @@ fn streamed_text_equals_json_text() {
 fn expect_error(args: &[&str], needle: &str) {
     let out = dsvl2(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?} should fail cleanly, stderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{args:?} should fail cleanly, stderr: {stderr}"
+    );
     assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
@@ -114,21 +170,85 @@ fn expect_error(args: &[&str], needle: &str) {
 fn bad_requests_fail_with_clear_errors() {
     let tiny = model("tiny-like");
     expect_error(
-        &["generate", "--model", &tiny, "--prompt", "hi", "--max-new-tokens", "5000"],
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "5000",
+        ],
         "plus 5000 new tokens, but the model's context is 4096 tokens",
     );
     expect_error(
-        &["generate", "--model", &tiny, "--prompt", "<image> and <image>", "--image", &fixture("images/wide_street.png")],
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "<image> and <image>",
+            "--image",
+            &fixture("images/wide_street.png"),
+        ],
         "2 `<image>` tag(s) but 1 image(s)",
     );
     expect_error(
-        &["generate", "--model", &tiny, "--prompt", "<image>", "--image", "/nonexistent/cat.png"],
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "<image>",
+            "--image",
+            "/nonexistent/cat.png",
+        ],
         "/nonexistent/cat.png",
     );
     expect_error(
-        &["generate", "--model", &tiny, "--prompt", "<image>", "--image", &fixture("README.md")],
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "<image>",
+            "--image",
+            &fixture("README.md"),
+        ],
         "not an image",
     );
-    expect_error(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"], "/nonexistent/model");
-    expect_error(&["generate", "--model", &tiny, "--prompt", "hi", "--temperature", "0.7"], "greedy");
+    expect_error(
+        &["generate", "--model", "/nonexistent/model", "--prompt", "hi"],
+        "/nonexistent/model",
+    );
+    expect_error(
+        &["generate", "--model", &tiny, "--prompt", "hi", "--top-p", "0"],
+        "top_p must be in (0, 1], got 0",
+    );
+    expect_error(
+        &["generate", "--model", &tiny, "--prompt", "hi", "--temperature=-1"],
+        "temperature must be >= 0",
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_across_processes() {
+    let args = [
+        "generate",
+        "--model",
+        &model("tiny-like"),
+        "--prompt",
+        "hello there",
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "1234",
+        "--json",
+    ];
+    let a = run_json(&args);
+    let b = run_json(&args);
+    assert_eq!(a["output_tokens"], b["output_tokens"]);
+    assert_eq!(a["seed"], 1234);
 }

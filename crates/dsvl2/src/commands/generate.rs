@@ -4,12 +4,13 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::Context;
-use dsvl2_model::{check_context, greedy_generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Tensor};
-use dsvl2_processor::Processor;
+use dsvl2_model::{
+    check_context, generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Sampler, SamplingParams, Tensor,
+};
+use dsvl2_processor::{Processor, TextStream};
 use serde::Serialize;
 
 use super::request::RequestArgs;
-use crate::stream::TextStream;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -21,10 +22,28 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_new_tokens: Option<u64>,
 
-    /// Sampling temperature; 0 = greedy (argmax). Only greedy decoding is implemented so far.
-    /// Default: 0.
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
-    pub temperature: f64,
+    /// Sampling temperature (>= 0); 0 = greedy (argmax after the repetition penalty).
+    #[arg(long, value_name = "T", default_value_t = 0.1)]
+    pub temperature: f32,
+
+    /// Nucleus sampling: keep the most likely tokens whose probability adds up to P (0 < P <= 1;
+    /// 1 disables).
+    #[arg(long, value_name = "P", default_value_t = 0.9)]
+    pub top_p: f64,
+
+    /// Keep only the K most likely tokens (0 disables). 50 is transformers' default, which the
+    /// hosted model uses.
+    #[arg(long, value_name = "K", default_value_t = dsvl2_model::sampling::DEFAULT_TOP_K)]
+    pub top_k: usize,
+
+    /// Penalise every token already in the prompt or the answer (> 0; 1 disables).
+    #[arg(long, value_name = "R", default_value_t = 1.1)]
+    pub repetition_penalty: f32,
+
+    /// Random seed: the same seed and input give the same output. Default: a random seed, printed
+    /// in the --json report.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 
     /// Print one JSON object at the end (prompt_tokens, output_tokens, text, finish_reason,
     /// timings) instead of streaming text. Default: off.
@@ -54,23 +73,34 @@ struct Report {
     text: String,
     finish_reason: FinishReason,
     num_image_tokens: Vec<usize>,
+    seed: u64,
     timings: Timings,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.temperature != 0.0 {
-        anyhow::bail!("--temperature {}: only greedy decoding (--temperature 0) is implemented so far", args.temperature);
-    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed.unwrap_or_else(rand_seed),
+    };
+    sampling
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid sampling parameter: {e}"))?;
     let started = Instant::now();
     let dir = args.request.open_model()?;
     let processor = Processor::from_model_dir(&dir).context("cannot load the tokenizer")?;
     let device = Device::Cpu;
-    let model = DeepseekVl2::load(&dir, &device, DType::F32).with_context(|| format!("cannot load the weights of {}", dir.root.display()))?;
+    let model = DeepseekVl2::load(&dir, &device, DType::F32)
+        .with_context(|| format!("cannot load the weights of {}", dir.root.display()))?;
     let load_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
     let conversation = args.request.conversation()?;
-    let prepared = processor.prepare_with_files(&conversation, &args.request.system).context("cannot prepare the request")?;
+    let prepared = processor
+        .prepare_with_files(&conversation, &args.request.system)
+        .context("cannot prepare the request")?;
     let preprocess_s = started.elapsed().as_secs_f64();
 
     let context = dir.config.language.max_position_embeddings;
@@ -105,19 +135,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stream = TextStream::new(&processor);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let generation = greedy_generate(&model, &embeds, Some(eos), max_new_tokens, |token| {
-        if args.json || token == eos {
-            return true;
-        }
-        match stream.push(token).and_then(|piece| Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush())?)) {
-            Ok(()) => true,
-            Err(e) => {
-                // A closed pipe (`| head`) ends generation quietly; other errors are reported.
-                write_error = Some(e);
-                false
+    let mut sampler = Sampler::new(sampling.clone());
+    let generation = generate(
+        &model,
+        &embeds,
+        &prepared.input_ids,
+        &mut sampler,
+        Some(eos),
+        max_new_tokens,
+        |token| {
+            if args.json || token == eos {
+                return true;
             }
-        }
-    })?;
+            let piece = stream.push(token).map_err(anyhow::Error::from);
+            match piece.and_then(|piece| Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush())?)) {
+                Ok(()) => true,
+                Err(e) => {
+                    // A closed pipe (`| head`) ends generation quietly; other errors are reported.
+                    write_error = Some(e);
+                    false
+                }
+            }
+        },
+    )?;
     if let Some(e) = write_error {
         if !is_broken_pipe(&e) {
             return Err(e);
@@ -144,6 +184,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             text,
             finish_reason: generation.finish_reason,
             num_image_tokens: prepared.num_image_tokens,
+            seed: sampling.seed,
             timings,
         };
         println!("{}", serde_json::to_string(&report)?);
@@ -156,5 +197,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// A seed from the clock, for runs that do not ask for reproducibility.
+fn rand_seed() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
 }

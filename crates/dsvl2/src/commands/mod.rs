@@ -1,5 +1,5 @@
 //! One module per subcommand.
 
-pub mod prepare;
 pub mod generate;
+pub mod prepare;
 pub mod request;

@@ -42,7 +42,9 @@ impl RequestArgs {
     pub fn conversation(&self) -> anyhow::Result<Conversation> {
         match (&self.prompt, &self.conversation) {
             (Some(prompt), _) => Ok(Conversation::single_turn(prompt.clone(), self.images.clone())),
-            (None, Some(file)) => Conversation::from_file(file).with_context(|| format!("cannot read conversation {}", file.display())),
+            (None, Some(file)) => {
+                Conversation::from_file(file).with_context(|| format!("cannot read conversation {}", file.display()))
+            }
             (None, None) => anyhow::bail!("give --prompt or --conversation"),
         }
     }
