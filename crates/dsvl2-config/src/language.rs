@@ -101,7 +101,7 @@ impl LanguageConfig {
     /// `layer % moe_layer_freq == 0`.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe {
-            Some(moe) => layer >= moe.first_k_dense_replace && layer % moe.moe_layer_freq == 0,
+            Some(moe) => layer >= moe.first_k_dense_replace && layer.is_multiple_of(moe.moe_layer_freq),
             None => false,
         }
     }
@@ -237,21 +237,21 @@ impl RawLanguageConfig {
         }
         let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if !self.use_mla {
-            if self.hidden_size % self.num_attention_heads != 0 {
+            if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
                 return Err(unsupported(
                     "num_attention_heads",
                     &self.num_attention_heads,
                     "must divide hidden_size for multi-head attention",
                 ));
             }
-            if num_key_value_heads == 0 || self.num_attention_heads % num_key_value_heads != 0 {
+            if num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(num_key_value_heads) {
                 return Err(unsupported(
                     "num_key_value_heads",
                     &num_key_value_heads,
                     "must divide num_attention_heads",
                 ));
             }
-            if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
+            if !(self.hidden_size / self.num_attention_heads).is_multiple_of(2) {
                 return Err(unsupported(
                     "hidden_size",
                     &self.hidden_size,

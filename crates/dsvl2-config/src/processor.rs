@@ -90,7 +90,7 @@ impl ProcessorConfig {
                 "only the \"deepseek\" conversation template is implemented",
             ));
         }
-        if self.normalize && self.image_std.iter().any(|s| *s == 0.0) {
+        if self.normalize && self.image_std.contains(&0.0) {
             return Err(ConfigError::unsupported(
                 path,
                 "image_std",

@@ -199,7 +199,7 @@ impl ModelConfig {
                 "must be between 1 and image_size",
             ));
         }
-        if v.heads == 0 || v.width % v.heads != 0 {
+        if v.heads == 0 || !v.width.is_multiple_of(v.heads) {
             return Err(unsupported(
                 "vision_config.heads",
                 &v.heads,

@@ -1,5 +1,9 @@
-//! Causal self-attention of one sequence over its cache: plain multi-head attention (tiny; it is
+//! Causal self-attention over per-sequence caches: plain multi-head attention (tiny; it is
 //! transformers 4.38's LlamaAttention) and multi-head latent attention (small, base).
+//!
+//! One call takes rows of one or more sequences (a prefill chunk of one sequence, or one decode
+//! token of each of B sequences): the projections run on all rows at once (weights are read once),
+//! then each sequence's rows attend over that sequence's own cache ([`Segment`]).
 
 use candle_core::{Tensor, D};
 use dsvl2_config::LanguageConfig;
@@ -13,13 +17,20 @@ use dsvl2_config::RopeScaling;
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
-    /// `[len, hidden]`, already normalised.
+    /// `[rows, hidden]`, already normalised: the segments' rows, one after the other.
     pub x: &'a Tensor,
-    /// cos/sin for the positions of `x` (`[len, rope_dim/2]`).
+    /// cos/sin for the position of each row of `x` (`[rows, rope_dim/2]`).
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
-    /// Additive causal mask `[len, past+len]`, or `None` when `len == 1`.
+}
+
+/// Consecutive rows of one sequence in an [`AttentionInput`], and that sequence's cache.
+pub struct Segment<'a> {
+    /// Number of rows (tokens) of this sequence.
+    pub rows: usize,
+    /// Additive causal mask `[rows, past+rows]`, or `None` when `rows == 1`.
     pub mask: Option<&'a Tensor>,
+    pub cache: &'a mut LayerCache,
 }
 
 pub enum Attention {
@@ -68,18 +79,42 @@ impl Attention {
         }
     }
 
+    /// Attention output `[rows, hidden]` for `input`, whose rows are `segments` in order; each
+    /// segment's keys/values are appended to its cache.
     pub fn forward(
         &self,
         input: &AttentionInput,
         rope: &RotaryEmbedding,
-        cache: &mut LayerCache,
+        segments: &mut [Segment],
     ) -> candle_core::Result<Tensor> {
-        match (self, cache) {
-            (Attention::Mha(a), LayerCache::Mha { keys, values }) => a.forward(input, rope, keys, values),
-            (Attention::Mla(a), LayerCache::Mla { latent, rope_key }) => a.forward(input, rope, latent, rope_key),
-            _ => candle_core::bail!("attention kind and cache kind differ"),
+        let rows: usize = segments.iter().map(|s| s.rows).sum();
+        if segments.is_empty() || rows != input.x.dim(0)? {
+            candle_core::bail!(
+                "attention: {} segment(s) with {rows} rows for {} input rows",
+                segments.len(),
+                input.x.dim(0)?
+            );
+        }
+        match self {
+            Attention::Mha(a) => a.forward(input, rope, segments),
+            Attention::Mla(a) => a.forward(input, rope, segments),
         }
     }
+}
+
+/// Runs `attend(segment, first_row)` for each segment and concatenates the outputs along `dim`.
+fn per_segment(
+    segments: &mut [Segment],
+    dim: usize,
+    mut attend: impl FnMut(&mut Segment, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for segment in segments.iter_mut() {
+        outs.push(attend(segment, start)?);
+        start += segment.rows;
+    }
+    Tensor::cat(&outs, dim)
 }
 
 /// Softmax of `scores + mask` over the last dimension (in f32, as the reference upcasts).
@@ -121,8 +156,7 @@ impl Mha {
         &self,
         input: &AttentionInput,
         rope: &RotaryEmbedding,
-        keys: &mut GrowingTensor,
-        values: &mut GrowingTensor,
+        segments: &mut [Segment],
     ) -> candle_core::Result<Tensor> {
         let t = input.x.dim(0)?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -130,10 +164,43 @@ impl Mha {
         let heads_first = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.unsqueeze(0);
         let q = rope.apply(&heads_first(self.q.forward(input.x)?, h)?, input.cos, input.sin)?;
         let k = rope.apply(&heads_first(self.k.forward(input.x)?, kv)?, input.cos, input.sin)?;
+        let q = q.squeeze(0)?; // [h, t, hd]
+        let k = k.squeeze(0)?.transpose(0, 1)?; // [t, kv, hd]
         let v = self.v.forward(input.x)?.reshape((t, kv, hd))?;
+        let out = per_segment(segments, 0, |segment, start| {
+            let LayerCache::Mha { keys, values } = &mut *segment.cache else {
+                candle_core::bail!("attention kind and cache kind differ");
+            };
+            let n = segment.rows;
+            let q = q.narrow(1, start, n)?.contiguous()?;
+            self.attend(
+                &q,
+                &k.narrow(0, start, n)?,
+                &v.narrow(0, start, n)?,
+                segment.mask,
+                keys,
+                values,
+            )
+        })?;
+        self.o.forward(&out)
+    }
+
+    /// One sequence's `n` rows: `q` `[h, n, hd]`, rotated `k` and `v` `[n, kv, hd]`. Appends k
+    /// and v to the cache and returns the attention output `[n, h*hd]` (before `o_proj`).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        keys: &mut GrowingTensor,
+        values: &mut GrowingTensor,
+    ) -> candle_core::Result<Tensor> {
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let t = q.dim(1)?;
         // Cache layout [len, kv_heads, hd]: appending is a contiguous copy.
-        let k_all = keys.append(&k.squeeze(0)?.transpose(0, 1)?)?;
-        let v_all = values.append(&v)?;
+        let k_all = keys.append(k)?;
+        let v_all = values.append(v)?;
         let s = k_all.dim(0)?;
         let expand = |x: Tensor| -> candle_core::Result<Tensor> {
             let x = x.transpose(0, 1)?; // [kv, s, hd]
@@ -143,11 +210,10 @@ impl Mha {
             x.unsqueeze(1)?.expand((kv, h / kv, s, hd))?.reshape((h, s, hd))
         };
         let (k_all, v_all) = (expand(k_all)?, expand(v_all)?);
-        let q = q.squeeze(0)?; // [h, t, hd]
         let scores = (q.matmul(&k_all.t()?)? / (hd as f64).sqrt())?;
-        let probs = masked_softmax(&scores, input.mask)?;
+        let probs = masked_softmax(&scores, mask)?;
         let out = probs.matmul(&v_all)?; // [h, t, hd]
-        self.o.forward(&out.transpose(0, 1)?.reshape((t, h * hd))?)
+        out.transpose(0, 1)?.reshape((t, h * hd))
     }
 }
 
@@ -234,8 +300,7 @@ impl Mla {
         &self,
         input: &AttentionInput,
         rope: &RotaryEmbedding,
-        latent: &mut GrowingTensor,
-        rope_key: &mut GrowingTensor,
+        segments: &mut [Segment],
     ) -> candle_core::Result<Tensor> {
         let x = input.x;
         let t = x.dim(0)?;
@@ -247,6 +312,7 @@ impl Mla {
         let q = q.reshape((t, h, nope + rd))?.transpose(0, 1)?; // [h, t, nope+rope]
         let q_nope = q.narrow(D::Minus1, 0, nope)?.contiguous()?;
         let q_rope = rope.apply(&q.narrow(D::Minus1, nope, rd)?.unsqueeze(0)?, input.cos, input.sin)?;
+        let q_rope = q_rope.squeeze(0)?; // [h, t, rope]
 
         let kv = self.kv_a.forward(x)?;
         let c = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?)?;
@@ -255,17 +321,50 @@ impl Mla {
             input.cos,
             input.sin,
         )?;
-        let c_all = latent.append(&c)?; // [s, rank]
-        let k_rope_all = rope_key.append(&k_rope.reshape((t, rd))?)?; // [s, rope]
-        let s = c_all.dim(0)?;
-
+        let k_rope = k_rope.reshape((t, rd))?;
         let q_latent = q_nope.matmul(&self.w_uk)?; // [h, t, rank]
-        let scores_rope = q_rope.reshape((h * t, rd))?.matmul(&k_rope_all.t()?)?;
-        let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;
-        let scores = ((scores_rope + scores_latent)? * self.softmax_scale)?.reshape((h, t, s))?;
-        let probs = masked_softmax(&scores, input.mask)?;
-        let out_latent = probs.reshape((h * t, s))?.matmul(&c_all)?.reshape((h, t, self.rank))?;
+
+        let out_latent = per_segment(segments, 1, |segment, start| {
+            let LayerCache::Mla { latent, rope_key } = &mut *segment.cache else {
+                candle_core::bail!("attention kind and cache kind differ");
+            };
+            let n = segment.rows;
+            self.attend(
+                &q_rope.narrow(1, start, n)?,
+                &q_latent.narrow(1, start, n)?,
+                &c.narrow(0, start, n)?,
+                &k_rope.narrow(0, start, n)?,
+                segment.mask,
+                latent,
+                rope_key,
+            )
+        })?; // [h, t, rank]
         let out = out_latent.matmul(&self.w_uv_t)?; // [h, t, v]
         self.o.forward(&out.transpose(0, 1)?.reshape((t, h * self.v_dim))?)
+    }
+
+    /// One sequence's `n` rows: rotated `q_rope` `[h, n, rope]`, `q_latent` `[h, n, rank]`, latent
+    /// `c` `[n, rank]` and rotated `k_rope` `[n, rope]`. Appends c and k_rope to the cache and
+    /// returns the attention output in latent space `[h, n, rank]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q_rope: &Tensor,
+        q_latent: &Tensor,
+        c: &Tensor,
+        k_rope: &Tensor,
+        mask: Option<&Tensor>,
+        latent: &mut GrowingTensor,
+        rope_key: &mut GrowingTensor,
+    ) -> candle_core::Result<Tensor> {
+        let (h, t) = (self.heads, q_rope.dim(1)?);
+        let c_all = latent.append(c)?; // [s, rank]
+        let k_rope_all = rope_key.append(k_rope)?; // [s, rope]
+        let s = c_all.dim(0)?;
+        let scores_rope = q_rope.reshape((h * t, self.rope_dim))?.matmul(&k_rope_all.t()?)?;
+        let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;
+        let scores = ((scores_rope + scores_latent)? * self.softmax_scale)?.reshape((h, t, s))?;
+        let probs = masked_softmax(&scores, mask)?;
+        probs.reshape((h * t, s))?.matmul(&c_all)?.reshape((h, t, self.rank))
     }
 }

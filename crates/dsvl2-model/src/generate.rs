@@ -7,11 +7,12 @@ use candle_core::Tensor;
 use crate::sampling::Sampler;
 use crate::vl::DeepseekVl2;
 use crate::ModelError;
+use crate::SequenceCache;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
-    /// The model wrote its end-of-sentence token.
+    /// The model wrote its end-of-sentence token, or the caller stopped it (stop string).
     Stop,
     /// `max_new_tokens` were generated.
     Length,
@@ -51,21 +52,24 @@ pub fn check_context(
     })
 }
 
-/// Generation from `embeds` (`[len, hidden]`, from [`DeepseekVl2::embed_inputs`]) of the prompt
-/// `prompt_ids` (the repetition penalty sees them). `on_token` sees each new id as it is chosen;
-/// returning `false` stops early.
+/// Generates after the tokens `cache` already holds: `new_embeds` (`[len, hidden]`, from
+/// [`DeepseekVl2::embed_inputs`]) are the prompt positions not yet in the cache, `prompt_ids` the
+/// whole prompt (the repetition penalty sees all of it). `on_token` sees each new id as it is
+/// chosen; returning `false` stops early. On return the cache holds the prompt and every
+/// generated token except the last (which was never fed back).
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &DeepseekVl2,
-    embeds: &Tensor,
+    cache: &mut SequenceCache,
+    new_embeds: &Tensor,
     prompt_ids: &[u32],
     sampler: &mut Sampler,
     eos: Option<u32>,
     max_new_tokens: usize,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation, ModelError> {
-    let mut cache = model.new_cache();
     let started = Instant::now();
-    let mut logits = model.forward_embeds(embeds, &mut cache, None)?;
+    let mut logits = model.forward_embeds(new_embeds, cache, None)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut seen = prompt_ids.to_vec();
@@ -80,10 +84,14 @@ pub fn generate(
             finish_reason = FinishReason::Stop;
             break;
         }
-        if !keep_going || tokens.len() == max_new_tokens {
+        if !keep_going {
+            finish_reason = FinishReason::Stop;
             break;
         }
-        logits = model.step(next, &mut cache)?;
+        if tokens.len() == max_new_tokens {
+            break;
+        }
+        logits = model.step(next, cache)?;
     }
     Ok(Generation {
         tokens,

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use dsvl2_config::LanguageConfig;
 
-use crate::attention::{Attention, AttentionInput};
+use crate::attention::{Attention, AttentionInput, Segment};
 use crate::cache::SequenceCache;
 use crate::linear::Linear;
 use crate::moe::{FeedForward, Mlp, Moe};
@@ -27,6 +27,14 @@ pub struct LanguageModel {
     rope: RotaryEmbedding,
     cfg: LanguageConfig,
     device: Device,
+}
+
+/// Consecutive rows of one sequence in a decoder input, with its cache and causal mask.
+struct SeqRows<'a> {
+    cache: &'a mut SequenceCache,
+    rows: usize,
+    /// `[rows, past+rows]`, or `None` for one row.
+    mask: Option<&'a Tensor>,
 }
 
 /// Prompts are prefilled this many tokens at a time, bounding the attention-score memory.
@@ -145,20 +153,12 @@ impl LanguageModel {
         } else {
             None
         };
-        let mut h = x.to_dtype(DType::F32)?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            if let Some(t) = trace.as_deref_mut() {
-                t.push(h.get(n - 1)?);
-            }
-            let input = AttentionInput {
-                x: &layer.input_norm.forward(&h)?,
-                cos: &cos,
-                sin: &sin,
-                mask: mask.as_ref(),
-            };
-            h = (&h + layer.attention.forward(&input, &self.rope, layer_cache)?)?;
-            h = (&h + layer.ffn.forward(&layer.post_attention_norm.forward(&h)?)?)?;
-        }
+        let seq = SeqRows {
+            cache: &mut *cache,
+            rows: n,
+            mask: mask.as_ref(),
+        };
+        let h = self.run_layers(x, &cos, &sin, &mut [seq], trace.as_deref_mut())?;
         cache.len += n;
         let out = self.norm.forward(&h.get(n - 1)?.unsqueeze(0)?)?.squeeze(0)?;
         if let Some(t) = trace {
@@ -167,13 +167,93 @@ impl LanguageModel {
         Ok(out)
     }
 
+    /// One decode step for B sequences at once: row b of `embeds` (`[B, hidden]`) is the next
+    /// token of the sequence `caches[b]`, at position `caches[b].len()`. Returns the final-norm
+    /// hidden states `[B, hidden]`. The linear layers, norms and MoE experts run once on the whole
+    /// batch (each weight is read once per step); attention runs per sequence over its own cache.
+    /// Row b equals what [`Self::forward`] gives for that sequence alone, up to float summation
+    /// order in the batched matmuls.
+    pub fn decode_batch(&self, embeds: &Tensor, caches: &mut [&mut SequenceCache]) -> Result<Tensor, ModelError> {
+        let b = caches.len();
+        if b == 0 {
+            return Err(ModelError::Input("empty decode batch: no sequences".into()));
+        }
+        if embeds.dims() != [b, self.cfg.hidden_size] {
+            return Err(ModelError::Input(format!(
+                "decode batch of {b} sequence(s) needs embeddings [{b}, {}], got {:?}",
+                self.cfg.hidden_size,
+                embeds.dims()
+            )));
+        }
+        for (i, cache) in caches.iter().enumerate() {
+            if cache.len >= self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "sequence {i} of the batch: position {} is past the model's context of {} tokens",
+                    cache.len + 1,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let (cos, sin) = self.rope.tables_at(caches.iter().map(|c| c.len), &self.device)?;
+        let mut seqs: Vec<SeqRows> = caches
+            .iter_mut()
+            .map(|c| SeqRows {
+                cache: c,
+                rows: 1,
+                mask: None,
+            })
+            .collect();
+        let h = self.run_layers(embeds, &cos, &sin, &mut seqs, None)?;
+        for seq in seqs {
+            seq.cache.len += 1;
+        }
+        Ok(self.norm.forward(&h)?)
+    }
+
+    /// The decoder layers over `x` (`[rows, hidden]`): the rows of the sequences in `seqs`, one
+    /// after the other, with cos/sin per row. Appends to the caches' layers but leaves their
+    /// `len` to the caller. Returns the last layer's output (before the final norm).
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqRows],
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor, ModelError> {
+        let rows = x.dim(0)?;
+        let mut h = x.to_dtype(DType::F32)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(h.get(rows - 1)?);
+            }
+            let input = AttentionInput {
+                x: &layer.input_norm.forward(&h)?,
+                cos,
+                sin,
+            };
+            let mut segments: Vec<Segment> = seqs
+                .iter_mut()
+                .map(|seq| Segment {
+                    rows: seq.rows,
+                    mask: seq.mask,
+                    cache: &mut seq.cache.layers[i],
+                })
+                .collect();
+            h = (&h + layer.attention.forward(&input, &self.rope, &mut segments)?)?;
+            h = (&h + layer.ffn.forward(&layer.post_attention_norm.forward(&h)?)?)?;
+        }
+        Ok(h)
+    }
+
     /// LM-head logits `[vocab]` for a final hidden state `[hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self
-            .lm_head
-            .forward(&hidden.unsqueeze(0)?)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?)
+        Ok(self.logits_batch(&hidden.unsqueeze(0)?)?.squeeze(0)?)
+    }
+
+    /// LM-head logits `[B, vocab]` (f32) for final hidden states `[B, hidden]`, in one matmul.
+    pub fn logits_batch(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 }
 

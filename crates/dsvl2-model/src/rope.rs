@@ -101,10 +101,20 @@ impl RotaryEmbedding {
 
     /// cos and sin tables `[len, dim/2]` for positions `start..start+len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        self.tables_at(start..start + len, device)
+    }
+
+    /// cos and sin tables with one row per position, in the order given (e.g. the next position
+    /// of each sequence in a decode batch).
+    pub fn tables_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (len, half) = (positions.len(), self.inv_freq.len());
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
+        for pos in positions {
             let t = pos as f32 / self.position_scale;
             for f in &self.inv_freq {
                 let angle = t * f;

@@ -43,7 +43,20 @@ pub struct ImageInputs<'a> {
 impl DeepseekVl2 {
     /// Loads a model folder's weights on `device`, computing in `dtype`.
     pub fn load(dir: &ModelDir, device: &Device, dtype: DType) -> Result<Self, ModelError> {
-        let weights = Weights::open(&dir.weights, device, dtype)?;
+        Self::load_with_progress(dir, device, dtype, None::<fn(u64, u64)>)
+    }
+
+    /// [`Self::load`], reporting (bytes loaded, total bytes) after each tensor.
+    pub fn load_with_progress(
+        dir: &ModelDir,
+        device: &Device,
+        dtype: DType,
+        progress: Option<impl Fn(u64, u64) + 'static>,
+    ) -> Result<Self, ModelError> {
+        let mut weights = Weights::open(&dir.weights, device, dtype)?;
+        if let Some(progress) = progress {
+            weights = weights.with_progress(progress);
+        }
         let model = Self::from_weights(&weights, &dir.config)?;
         weights.finish()?;
         Ok(model)
@@ -99,7 +112,7 @@ impl DeepseekVl2 {
         input_ids: &[u32],
         images_seq_mask: &[bool],
         images: Option<ImageInputs>,
-        mut trace: Option<&mut LayerTrace>,
+        trace: Option<&mut LayerTrace>,
     ) -> Result<Tensor, ModelError> {
         if input_ids.len() != images_seq_mask.len() {
             return Err(ModelError::Input(format!(
@@ -119,7 +132,7 @@ impl DeepseekVl2 {
                 )))
             }
         };
-        let image_embeds = self.embed_images(&images, trace.as_deref_mut())?;
+        let image_embeds = self.embed_images(&images, trace)?;
         let rows = image_embeds.dim(0)?;
         if rows != slots {
             return Err(ModelError::Input(format!(
@@ -209,5 +222,26 @@ impl DeepseekVl2 {
     pub fn step(&self, token: u32, cache: &mut SequenceCache) -> Result<Tensor, ModelError> {
         let embeds = self.language.embed(&[token])?;
         self.forward_embeds(&embeds, cache, None)
+    }
+
+    /// One decode step for B sequences at once: feeds `tokens[b]` to the sequence `caches[b]`
+    /// (at its own position, `caches[b].len()`) and returns the next logits `[B, vocab]`, row b
+    /// for sequence b. Weights are read once for the whole batch; row b equals what [`Self::step`]
+    /// gives for that sequence alone, up to float summation order. Sequences may join or leave
+    /// between calls: a batch is just the caches passed. An empty batch is an error.
+    pub fn step_batch(&self, tokens: &[u32], caches: &mut [&mut SequenceCache]) -> Result<Tensor, ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(ModelError::Input(format!(
+                "decode batch: {} token(s) for {} sequence cache(s)",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::Input("empty decode batch: no sequences".into()));
+        }
+        let embeds = self.language.embed(tokens)?;
+        let hidden = self.language.decode_batch(&embeds, caches)?;
+        self.language.logits_batch(&hidden)
     }
 }

@@ -4,7 +4,7 @@
 //! the name; [`Weights::finish`] then refuses a checkpoint with tensors nobody asked for, so a
 //! renamed or misplaced tensor is an error instead of a silently random layer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,11 @@ pub struct Weights {
     used: RefCell<BTreeSet<String>>,
     device: Device,
     dtype: DType,
+    /// Called with (bytes loaded so far, total stored bytes) after each tensor.
+    progress: Option<Box<dyn Fn(u64, u64)>>,
+    loaded_bytes: Cell<u64>,
+    /// Bytes of all stored tensors, as stored.
+    total_bytes: u64,
 }
 
 impl Weights {
@@ -93,11 +98,20 @@ impl Weights {
         }
         Ok(Weights {
             files: mapped,
-            entries,
             used: RefCell::new(BTreeSet::new()),
             device: device.clone(),
             dtype,
+            progress: None,
+            loaded_bytes: Cell::new(0),
+            total_bytes: entries.values().map(|e| (e.end - e.start) as u64).sum(),
+            entries,
         })
+    }
+
+    /// Reports loading progress (bytes so far, total bytes) after each tensor.
+    pub fn with_progress(mut self, progress: impl Fn(u64, u64) + 'static) -> Self {
+        self.progress = Some(Box::new(progress));
+        self
     }
 
     pub fn device(&self) -> &Device {
@@ -149,8 +163,12 @@ impl Weights {
             }
         };
         // from_raw_buffer copies out of the mmap (handling alignment); to_dtype widens in one pass.
-        let tensor = Tensor::from_raw_buffer(bytes, dtype, &entry.shape, &self.device)?;
-        Ok(tensor.to_dtype(self.dtype)?)
+        let tensor = Tensor::from_raw_buffer(bytes, dtype, &entry.shape, &self.device)?.to_dtype(self.dtype)?;
+        if let Some(progress) = &self.progress {
+            self.loaded_bytes.set(self.loaded_bytes.get() + bytes.len() as u64);
+            progress(self.loaded_bytes.get(), self.total_bytes);
+        }
+        Ok(tensor)
     }
 
     /// Marks every tensor under `prefix` as known and deliberately unused (e.g. the SigLIP pooling
@@ -177,8 +195,8 @@ impl Weights {
     }
 
     /// Total bytes of all stored tensors (as stored, before conversion).
-    pub fn stored_bytes(&self) -> usize {
-        self.entries.values().map(|e| e.end - e.start).sum()
+    pub fn stored_bytes(&self) -> u64 {
+        self.total_bytes
     }
 }
 

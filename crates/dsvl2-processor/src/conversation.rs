@@ -135,11 +135,52 @@ impl Conversation {
             .flat_map(|m| m.images.iter().map(PathBuf::as_path))
             .collect()
     }
+
+    /// A user turn with more images than `image_token` tags gets the missing tags at its start,
+    /// one per line, as the official web demo does, so no image is silently lost. Returns one
+    /// note per changed message, for the user. (More tags than images stays an error.)
+    pub fn insert_missing_image_tags(&mut self, image_token: &str) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (index, m) in self.messages.iter_mut().enumerate() {
+            let tags = m.content.matches(image_token).count();
+            if m.role != Role::User || m.images.len() <= tags {
+                continue;
+            }
+            let missing = m.images.len() - tags;
+            let added = vec![image_token; missing].join("\n");
+            m.content = format!("{added}\n{}", m.content);
+            notes.push(format!(
+                "message {index} has {} image(s) but {tags} `{image_token}` tag(s): added {missing} tag(s) at its start",
+                m.images.len()
+            ));
+        }
+        notes
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_image_tags_are_added_at_the_start_of_their_turn() {
+        let mut c = Conversation::single_turn(
+            "What is in <image>?",
+            vec!["a.png".into(), "b.png".into(), "c.png".into()],
+        );
+        let notes = c.insert_missing_image_tags("<image>");
+        assert_eq!(c.messages[0].content, "<image>\n<image>\nWhat is in <image>?");
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("3 image(s) but 1 `<image>` tag(s): added 2"),
+            "{}",
+            notes[0]
+        );
+        // Nothing to add: unchanged, no note.
+        let mut c = Conversation::single_turn("<image> and <image>", vec!["a.png".into()]);
+        assert!(c.insert_missing_image_tags("<image>").is_empty());
+        assert_eq!(c.messages[0].content, "<image> and <image>");
+    }
 
     #[test]
     fn parses_official_format_relative_to_the_file() {

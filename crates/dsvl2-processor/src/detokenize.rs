@@ -58,3 +58,98 @@ impl<'a> TextStream<'a> {
             .unwrap_or_default())
     }
 }
+
+/// Stop strings over streamed text: text is released only once it cannot be the start of a stop
+/// string, and generation ends at the first stop string, which is not part of the answer.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    pending: String,
+    stopped: bool,
+}
+
+impl StopStrings {
+    /// Empty strings are ignored (they would stop before the first character).
+    pub fn new(stops: &[String]) -> Self {
+        StopStrings {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Adds newly decoded text; returns the text that is now safe to show.
+    pub fn push(&mut self, text: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.pending.push_str(text);
+        let first_stop = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        if let Some(at) = first_stop {
+            self.stopped = true;
+            self.pending.truncate(at);
+            return std::mem::take(&mut self.pending);
+        }
+        // Hold back the longest tail that could still grow into a stop string.
+        let hold = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|prefix| self.pending.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let release = self.pending.len() - hold;
+        let rest = self.pending.split_off(release);
+        std::mem::replace(&mut self.pending, rest)
+    }
+
+    /// Whether a stop string was seen.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The held-back tail, at the end of generation.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopStrings;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = StopStrings::new(&stops);
+        let mut out = String::new();
+        for p in pieces {
+            out += &s.push(p);
+            if s.stopped() {
+                return (out, true);
+            }
+        }
+        out += &s.finish();
+        (out, false)
+    }
+
+    #[test]
+    fn stops_at_a_string_split_over_pieces_and_never_shows_it() {
+        assert_eq!(
+            run(&["</answer>"], &["The cat", " sat</an", "swer> more"]),
+            ("The cat sat".into(), true)
+        );
+        assert_eq!(run(&["STOP", "\n\n"], &["a\n", "\nb"]), ("a".into(), true));
+    }
+
+    #[test]
+    fn releases_held_text_when_it_cannot_be_a_stop() {
+        let stops = vec!["</x>".to_string()];
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("hi </"), "hi ");
+        assert_eq!(s.push("y>"), "</y>");
+        assert_eq!(run(&["</x>"], &["a </", "x"]), ("a </x".into(), false));
+        assert_eq!(run(&[], &["plain", " text"]), ("plain text".into(), false));
+        assert_eq!(run(&["猫猫"], &["犬猫", "犬"]), ("犬猫犬".into(), false));
+    }
+}

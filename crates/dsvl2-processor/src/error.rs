@@ -65,6 +65,9 @@ pub enum ProcessorError {
     #[error("tokenizer failed to {action}: {message}")]
     Tokenize { action: &'static str, message: String },
 
+    #[error("cannot write image {}: {message}", path.display())]
+    ImageEncode { path: PathBuf, message: String },
+
     #[error("invalid image buffer: {width}x{height} RGB needs {expected} bytes, got {got}")]
     BadBuffer {
         width: u32,

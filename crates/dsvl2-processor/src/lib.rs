@@ -8,11 +8,14 @@
 //! * [`conversation`]: the official conversation JSON;
 //! * [`prompt`]: the template text and the prompt ids;
 //! * [`tokenize`]: the tokenizer and its special-token ids;
-//! * [`TextStream`]: incremental detokenization for streaming.
+//! * [`TextStream`]: incremental detokenization for streaming;
+//! * [`grounding`]: `<|ref|>`/`<|det|>` boxes of an answer as data; [`mod@annotate`]: drawing them.
 
+pub mod annotate;
 pub mod conversation;
 mod detokenize;
 mod error;
+pub mod grounding;
 pub mod image;
 pub mod prompt;
 pub mod tiling;
@@ -22,9 +25,11 @@ use std::path::Path;
 
 use dsvl2_config::{ModelDir, ProcessorConfig};
 
+pub use annotate::{annotate, save_png};
 pub use conversation::{Conversation, Message, Role};
-pub use detokenize::TextStream;
+pub use detokenize::{StopStrings, TextStream};
 pub use error::ProcessorError;
+pub use grounding::{parse_grounding, reference_accepts, GroundedBox, Grounding};
 pub use image::{decode_image, load_image, DecodeOptions, RgbImage, PILLOW_MAX_PIXELS};
 pub use tiling::{select_best_resolution, ImageTiles};
 pub use tokenize::TextTokenizer;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use dsvl2_processor::{decode_image, tiling, DecodeOptions, Processor, RgbImage};
 
@@ -12,8 +14,9 @@ struct Case {
     expected: serde_json::Value,
 }
 
-fn cases() -> Vec<Case> {
-    let dir = fixtures().join("cases");
+/// The cases under `root/cases/` (the public fixtures, or the held-out ones).
+fn cases(root: &Path) -> Vec<Case> {
+    let dir = root.join("cases");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .expect("cases dir")
         .filter_map(|e| e.ok())
@@ -21,7 +24,6 @@ fn cases() -> Vec<Case> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert!(names.len() >= 15, "expected the 15 public cases, found {names:?}");
     names
         .into_iter()
         .map(|name| Case {
@@ -32,15 +34,15 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-fn load_tile_png(case: &str, rel: &str) -> RgbImage {
-    let path = fixtures().join("cases").join(case).join(rel);
+fn load_tile_png(root: &Path, case: &str, rel: &str) -> RgbImage {
+    let path = root.join("cases").join(case).join(rel);
     let bytes = std::fs::read(&path).expect("tile png");
     decode_image(&bytes, rel, &DecodeOptions::default()).expect("tile decodes")
 }
 
 /// Checks everything of one case given the decoded images; returns the max abs tile difference.
-fn check_case(p: &Processor, case: &Case, images: &[RgbImage], exact_pixels: bool) -> u8 {
-    let conv = conversation_from_value(&case.input["conversation"], &fixtures());
+fn check_case(p: &Processor, root: &Path, case: &Case, images: &[RgbImage], exact_pixels: bool) -> u8 {
+    let conv = conversation_from_value(&case.input["conversation"], root);
     let system = case.input["system_prompt"].as_str().unwrap_or("");
     let out = p
         .prepare(&conv, images, system)
@@ -95,7 +97,7 @@ fn check_case(p: &Processor, case: &Case, images: &[RgbImage], exact_pixels: boo
     let mut worst = 0u8;
     let tile_len = 3 * out.tile_size * out.tile_size;
     for (k, (tile, want)) in tiles.iter().zip(&expected_tiles).enumerate() {
-        let png = load_tile_png(name, want["png"].as_str().unwrap());
+        let png = load_tile_png(root, name, want["png"].as_str().unwrap());
         let diff = max_abs_diff(&tile.data, &png.data);
         worst = worst.max(diff);
         if exact_pixels {
@@ -120,8 +122,24 @@ fn check_case(p: &Processor, case: &Case, images: &[RgbImage], exact_pixels: boo
 
 #[test]
 fn all_public_cases_match_the_reference() {
+    let cases = cases(&fixtures());
+    assert!(cases.len() >= 15, "expected the 15 public cases, found {}", cases.len());
+    check_all(&fixtures(), cases);
+}
+
+/// The model cases made by the official code for the held-out models (tests/fixtures/heldout):
+/// other images (a 200x1100 banner, an LA-mode PNG), prompts and conversations.
+#[test]
+fn heldout_cases_match_the_reference() {
+    let root = fixtures().join("heldout");
+    let cases = cases(&root);
+    assert!(cases.len() >= 3, "expected the held-out cases, found {}", cases.len());
+    check_all(&root, cases);
+}
+
+fn check_all(root: &Path, cases: Vec<Case>) {
     let p = fixture_processor();
-    for case in cases() {
+    for case in cases {
         let paths: Vec<String> = case.expected["images"]
             .as_array()
             .unwrap()
@@ -135,7 +153,7 @@ fn all_public_cases_match_the_reference() {
             .any(|i| i["source_format"] == "JPEG");
         let images: Vec<RgbImage> = paths
             .iter()
-            .map(|f| p.load_image(&fixtures().join(f)).expect("fixture image"))
+            .map(|f| p.load_image(&root.join(f)).expect("fixture image"))
             .collect();
         for (img, info) in images.iter().zip(case.expected["images"].as_array().unwrap()) {
             assert_eq!(
@@ -146,7 +164,7 @@ fn all_public_cases_match_the_reference() {
                 ]
             );
         }
-        let worst = check_case(&p, &case, &images, !is_jpeg);
+        let worst = check_case(&p, root, &case, &images, !is_jpeg);
         println!(
             "{:<22} max abs tile diff (u8) = {worst}{}",
             case.name,
@@ -183,7 +201,7 @@ fn jpeg_case_with_pillow_decode_is_exact() {
     assert_eq!(t.dtype(), safetensors::Dtype::U8);
     let shape = t.shape();
     let pil = RgbImage::from_raw(shape[1] as u32, shape[0] as u32, t.data().to_vec()).unwrap();
-    let worst = check_case(&p, &case, std::slice::from_ref(&pil), true);
+    let worst = check_case(&p, &fixtures(), &case, std::slice::from_ref(&pil), true);
     assert_eq!(worst, 0);
 
     let ours = p.load_image(&fixtures().join("images/teaser.jpg")).unwrap();

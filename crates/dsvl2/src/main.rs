@@ -1,6 +1,7 @@
 //! `dsvl2`: run DeepSeek-VL2 vision-language models.
 
 mod commands;
+mod runner;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,10 @@ enum Command {
     Prepare(commands::prepare::PrepareArgs),
     /// Answer a prompt about images: streams the text to stdout, or prints one JSON object.
     Generate(commands::generate::GenerateArgs),
+    /// Fetch a model from the Hugging Face Hub into the cache ahead of use; prints the snapshot folder.
+    Download(commands::download::DownloadArgs),
+    /// Interactive multi-turn chat on stdin/stdout; the KV cache is kept between turns.
+    Chat(commands::chat::ChatArgs),
 }
 
 fn main() {
@@ -24,8 +29,14 @@ fn main() {
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Download(args) => commands::download::run(args),
+        Command::Chat(args) => commands::chat::run(args),
     };
     if let Err(err) = result {
+        // A closed pipe (`dsvl2 generate ... | head`) is the reader's choice, not a failure.
+        if runner::is_broken_pipe(&err) {
+            return;
+        }
         // `{:#}` prints the whole cause chain on one line: "cannot open x: no such file".
         eprintln!("error: {err:#}");
         std::process::exit(2);

@@ -194,6 +194,10 @@ fn bad_requests_fail_with_clear_errors() {
         "2 `<image>` tag(s) but 1 image(s)",
     );
     expect_error(
+        &["generate", "--model", &tiny, "--prompt", "hi <image>"],
+        "1 `<image>` tag(s) but 0 image(s)",
+    );
+    expect_error(
         &[
             "generate",
             "--model",
@@ -251,4 +255,73 @@ fn seeded_sampling_is_reproducible_across_processes() {
     let b = run_json(&args);
     assert_eq!(a["output_tokens"], b["output_tokens"]);
     assert_eq!(a["seed"], 1234);
+}
+
+#[test]
+fn images_without_tags_get_tags_and_a_note() {
+    let image = fixture("images/wide_street.png");
+    let args = [
+        "generate",
+        "--model",
+        &model("tiny-like"),
+        "--prompt",
+        "Describe it.",
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ];
+    let out = dsvl2(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 image(s) but 0 `<image>` tag(s): added 1 tag(s)"),
+        "{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["num_image_tokens"], serde_json::json!([813]));
+}
+
+#[test]
+fn annotate_writes_the_last_image_and_json_has_boxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("annotated.png");
+    let report = run_json(&[
+        "generate",
+        "--model",
+        &model("tiny-like"),
+        "--prompt",
+        "<image> <|ref|>the giraffe<|/ref|>",
+        "--image",
+        &fixture("images/giraffe_tall.png"),
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--annotate",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    // The random fixture model writes no boxes; the field is there and the image is written.
+    assert!(report["boxes"].as_array().unwrap().is_empty());
+    let written = image::open(&out).unwrap();
+    let original = image::open(fixtures().join("images/giraffe_tall.png")).unwrap();
+    assert_eq!(
+        (written.width(), written.height()),
+        (original.width(), original.height())
+    );
+
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &model("tiny-like"),
+            "--prompt",
+            "hi",
+            "--annotate",
+            out.to_str().unwrap(),
+        ],
+        "--annotate needs an image",
+    );
 }

@@ -1,22 +1,45 @@
 //! `dsvl2 generate`: answer one request, streaming the text to stdout (or one JSON object).
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use dsvl2_model::{
-    check_context, generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Sampler, SamplingParams, Tensor,
-};
-use dsvl2_processor::{Processor, TextStream};
+use dsvl2_model::{FinishReason, SamplingParams};
+use dsvl2_processor::grounding::parse_grounding;
+use dsvl2_processor::{annotate, save_png};
 use serde::Serialize;
 
 use super::request::RequestArgs;
+use crate::runner::{answer, clock_seed, load_model, peak_rss_bytes, Limits, Timings};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub request: RequestArgs,
 
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// Print one JSON object at the end (prompt_tokens, output_tokens, text, finish_reason,
+    /// num_image_tokens, seed, timings) instead of streaming text. Default: off.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Print a timing summary on stderr at the end (load, preprocessing, vision, prefill and
+    /// decode speed, peak memory). Default: off.
+    #[arg(long, short)]
+    pub verbose: bool,
+
+    /// Write the last image with the answer's grounding boxes (`<|ref|>label<|/ref|><|det|>[[x1,y1,
+    /// x2,y2]]<|/det|>`) and labels drawn, as PNG. Default: not written.
+    #[arg(long, value_name = "OUT.png")]
+    pub annotate: Option<PathBuf>,
+}
+
+/// Sampling and stopping flags, with the hosted model's defaults (shared with `chat`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
     /// Most tokens to generate. Default: 2048, clamped to the context left after the prompt (with a
     /// note on stderr); an explicit value that does not fit is an error.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -45,25 +68,33 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
 
-    /// Print one JSON object at the end (prompt_tokens, output_tokens, text, finish_reason,
-    /// timings) instead of streaming text. Default: off.
-    #[arg(long)]
-    pub json: bool,
+    /// Stop when the answer contains this text (not included in the answer); repeatable.
+    /// Default: none (generation stops at the end-of-sentence token or the token limit).
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
 }
 
-/// The default answer budget (the hosted model's `max_length_tokens`).
-const DEFAULT_MAX_NEW_TOKENS: usize = 2048;
+impl SamplingArgs {
+    pub fn params(&self) -> anyhow::Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed.unwrap_or_else(clock_seed),
+        };
+        params
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid sampling parameter: {e}"))?;
+        Ok(params)
+    }
 
-#[derive(Serialize)]
-struct Timings {
-    load_s: f64,
-    preprocess_s: f64,
-    /// Vision tower, projector and embedding layout.
-    vision_s: f64,
-    prefill_s: f64,
-    decode_s: f64,
-    prefill_tokens_per_s: f64,
-    decode_tokens_per_s: f64,
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_new_tokens: self.max_new_tokens.map(|n| n as usize),
+            stop: self.stop.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -74,137 +105,132 @@ struct Report {
     finish_reason: FinishReason,
     num_image_tokens: Vec<usize>,
     seed: u64,
-    timings: Timings,
+    /// Grounding boxes of the answer, in the pixels of the last image.
+    boxes: Vec<BoxReport>,
+    /// What was malformed in the answer's grounding tags (reported, not fatal).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    grounding_problems: Vec<String>,
+    timings: ReportTimings,
+}
+
+#[derive(Serialize)]
+struct BoxReport {
+    label: String,
+    /// `[x1, y1, x2, y2]` in pixels of the last image (not clamped, as the reference).
+    #[serde(rename = "box")]
+    box_px: [i64; 4],
+    /// The coordinates as the model wrote them (0-999).
+    box_normalized: [f64; 4],
+    color: [u8; 3],
+}
+
+#[derive(Serialize)]
+struct ReportTimings {
+    load_s: f64,
+    preprocess_s: f64,
+    #[serde(flatten)]
+    answer: Timings,
+    peak_rss_bytes: Option<u64>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed.unwrap_or_else(rand_seed),
-    };
-    sampling
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid sampling parameter: {e}"))?;
-    let started = Instant::now();
-    let dir = args.request.open_model()?;
-    let processor = Processor::from_model_dir(&dir).context("cannot load the tokenizer")?;
-    let device = Device::Cpu;
-    let model = DeepseekVl2::load(&dir, &device, DType::F32)
-        .with_context(|| format!("cannot load the weights of {}", dir.root.display()))?;
-    let load_s = started.elapsed().as_secs_f64();
+    let sampling = args.sampling.params()?;
+    let loaded = load_model(args.request.open_model()?)?;
 
     let started = Instant::now();
-    let conversation = args.request.conversation()?;
-    let prepared = processor
-        .prepare_with_files(&conversation, &args.request.system)
+    let conversation = args.request.conversation(&loaded.processor.config().image_token)?;
+    let images = loaded.processor.load_images(&conversation)?;
+    if args.annotate.is_some() && images.is_empty() {
+        anyhow::bail!("--annotate needs an image to draw on, and the request has none");
+    }
+    let prepared = loaded
+        .processor
+        .prepare(&conversation, &images, &args.request.system)
         .context("cannot prepare the request")?;
     let preprocess_s = started.elapsed().as_secs_f64();
 
-    let context = dir.config.language.max_position_embeddings;
-    let prompt_len = prepared.input_ids.len();
-    let max_new_tokens = match args.max_new_tokens {
-        Some(n) => n as usize,
-        None => {
-            let left = context.saturating_sub(prompt_len).max(1);
-            if left < DEFAULT_MAX_NEW_TOKENS {
-                eprintln!("note: generating at most {left} tokens, what the {context}-token context leaves after the {prompt_len}-token prompt");
-            }
-            DEFAULT_MAX_NEW_TOKENS.min(left)
-        }
-    };
-    check_context(prompt_len, &prepared.num_image_tokens, max_new_tokens, context)?;
-
-    let started = Instant::now();
-    let pixels = if prepared.n_tiles > 0 {
-        let [n, c, h, w] = prepared.pixel_shape();
-        Some(Tensor::from_slice(&prepared.pixel_values, (n, c, h, w), &device)?)
-    } else {
-        None
-    };
-    let images = pixels.as_ref().map(|p| ImageInputs {
-        pixel_values: p,
-        spatial_crop: &prepared.images_spatial_crop,
-    });
-    let embeds = model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)?;
-    let vision_s = started.elapsed().as_secs_f64();
-
-    let eos = processor.eos_id();
-    let mut stream = TextStream::new(&processor);
+    let mut cache = loaded.model.new_cache();
     let mut stdout = std::io::stdout().lock();
-    let mut write_error = None;
-    let mut sampler = Sampler::new(sampling.clone());
-    let generation = generate(
-        &model,
-        &embeds,
-        &prepared.input_ids,
-        &mut sampler,
-        Some(eos),
-        max_new_tokens,
-        |token| {
-            if args.json || token == eos {
-                return true;
+    let result = answer(
+        &loaded,
+        &prepared,
+        &mut cache,
+        &sampling,
+        &args.sampling.limits(),
+        |piece| {
+            if args.json {
+                return Ok(());
             }
-            let piece = stream.push(token).map_err(anyhow::Error::from);
-            match piece.and_then(|piece| Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush())?)) {
-                Ok(()) => true,
-                Err(e) => {
-                    // A closed pipe (`| head`) ends generation quietly; other errors are reported.
-                    write_error = Some(e);
-                    false
-                }
-            }
+            stdout.write_all(piece.as_bytes())?;
+            stdout.flush()
         },
-    )?;
-    if let Some(e) = write_error {
-        if !is_broken_pipe(&e) {
-            return Err(e);
-        }
-        return Ok(());
-    }
-    let answer: Vec<u32> = generation.tokens.iter().copied().filter(|&t| t != eos).collect();
-    let text = processor.decode(&answer, false)?;
-    let decoded = generation.tokens.len();
-    let timings = Timings {
-        load_s,
+    );
+    let answer = result?;
+    let timings = ReportTimings {
+        load_s: loaded.load_seconds,
         preprocess_s,
-        vision_s,
-        prefill_s: generation.prefill_seconds,
-        decode_s: generation.decode_seconds,
-        prefill_tokens_per_s: prompt_len as f64 / generation.prefill_seconds.max(1e-9),
-        // The first token comes from the prefill; decode steps produce the rest.
-        decode_tokens_per_s: decoded.saturating_sub(1) as f64 / generation.decode_seconds.max(1e-9),
+        answer: answer.timings,
+        peak_rss_bytes: peak_rss_bytes(),
     };
+    if args.verbose {
+        print_timings(&timings, answer.tokens.len());
+    }
+    // Boxes refer to the last image, as in the official demo.
+    let grounding = images
+        .last()
+        .map(|image| parse_grounding(&answer.text, image.width, image.height))
+        .unwrap_or_default();
+    if let (Some(path), Some(image)) = (&args.annotate, images.last()) {
+        save_png(&annotate(image, &grounding.boxes), path)?;
+        if grounding.boxes.is_empty() {
+            eprintln!(
+                "note: the answer has no grounding boxes; {} is the plain image",
+                path.display()
+            );
+        }
+    }
     if args.json {
         let report = Report {
             prompt_tokens: prepared.input_ids,
-            output_tokens: generation.tokens,
-            text,
-            finish_reason: generation.finish_reason,
+            output_tokens: answer.tokens,
+            text: answer.text,
+            finish_reason: answer.finish_reason,
             num_image_tokens: prepared.num_image_tokens,
             seed: sampling.seed,
+            boxes: grounding
+                .boxes
+                .iter()
+                .map(|b| BoxReport {
+                    label: b.label.clone(),
+                    box_px: b.box_px,
+                    box_normalized: b.box_norm,
+                    color: b.color,
+                })
+                .collect(),
+            grounding_problems: grounding.problems,
             timings,
         };
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
     } else {
-        let rest = stream.finish()?;
-        let _ = stdout.write_all(rest.as_bytes());
-        let _ = writeln!(stdout);
+        writeln!(stdout)?;
     }
     Ok(())
 }
 
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>()
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-/// A seed from the clock, for runs that do not ask for reproducibility.
-fn rand_seed() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+fn print_timings(t: &ReportTimings, generated: usize) {
+    let a = &t.answer;
+    eprintln!("load            {:8.3} s", t.load_s);
+    eprintln!("preprocess      {:8.3} s", t.preprocess_s);
+    eprintln!("vision          {:8.3} s", a.vision_s);
+    eprintln!(
+        "prefill         {:8.3} s  {} tokens, {:.1} tokens/s",
+        a.prefill_s, a.prefill_tokens, a.prefill_tokens_per_s
+    );
+    eprintln!(
+        "decode          {:8.3} s  {generated} tokens, {:.2} tokens/s",
+        a.decode_s, a.decode_tokens_per_s
+    );
+    if let Some(bytes) = t.peak_rss_bytes {
+        eprintln!("peak memory     {:8.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    }
 }

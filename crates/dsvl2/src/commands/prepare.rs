@@ -26,7 +26,7 @@ pub struct PrepareArgs {
 pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     let model = args.request.open_model()?;
     let processor = Processor::from_model_dir(&model).context("cannot build the processor")?;
-    let conversation = args.request.conversation()?;
+    let conversation = args.request.conversation(&processor.config().image_token)?;
     let prepared = processor
         .prepare_with_files(&conversation, &args.request.system)
         .context("cannot prepare the request")?;

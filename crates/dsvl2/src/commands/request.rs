@@ -10,10 +10,11 @@ use dsvl2_processor::Conversation;
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "conversation"])))]
 pub struct RequestArgs {
-    /// Model folder in the official Hugging Face layout (config.json, processor_config.json,
-    /// tokenizer files, safetensors weights). Required.
-    #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    /// Model: a folder in the official Hugging Face layout (config.json, processor_config.json,
+    /// tokenizer files, safetensors weights), or a Hub repo id (`owner/name[@revision]`), downloaded
+    /// into the Hugging Face cache on first use (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).
+    #[arg(long, value_name = "DIR|REPO", default_value = crate::runner::DEFAULT_MODEL)]
+    pub model: String,
 
     /// User prompt; becomes one user turn plus the empty assistant turn. Put one `<image>` tag per
     /// --image where the image goes. Exclusive with --conversation.
@@ -36,16 +37,22 @@ pub struct RequestArgs {
 
 impl RequestArgs {
     pub fn open_model(&self) -> anyhow::Result<ModelDir> {
-        ModelDir::open(&self.model).with_context(|| format!("cannot open model folder {}", self.model.display()))
+        crate::runner::open_model(&self.model)
     }
 
-    pub fn conversation(&self) -> anyhow::Result<Conversation> {
-        match (&self.prompt, &self.conversation) {
-            (Some(prompt), _) => Ok(Conversation::single_turn(prompt.clone(), self.images.clone())),
+    /// The conversation to answer. A turn with more images than `image_token` tags gets the
+    /// missing tags at its start (said on stderr), so no image is silently dropped.
+    pub fn conversation(&self, image_token: &str) -> anyhow::Result<Conversation> {
+        let mut conversation = match (&self.prompt, &self.conversation) {
+            (Some(prompt), _) => Conversation::single_turn(prompt.clone(), self.images.clone()),
             (None, Some(file)) => {
-                Conversation::from_file(file).with_context(|| format!("cannot read conversation {}", file.display()))
+                Conversation::from_file(file).with_context(|| format!("cannot read conversation {}", file.display()))?
             }
             (None, None) => anyhow::bail!("give --prompt or --conversation"),
+        };
+        for note in conversation.insert_missing_image_tags(image_token) {
+            eprintln!("note: {note}");
         }
+        Ok(conversation)
     }
 }

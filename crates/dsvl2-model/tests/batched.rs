@@ -1,0 +1,387 @@
+//! Batched decoding must not change results: every sequence of a `step_batch` gets the greedy
+//! tokens and (up to float summation order) the logits it gets when decoded alone with `step`,
+//! whatever else is in the batch, at whatever cache length, and when sequences join or leave.
+//! Run with `--nocapture` to see the measured differences and step timings.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dsvl2_config::ModelDir;
+use dsvl2_model::sampling::argmax as argmax_of;
+use dsvl2_model::{DType, DeepseekVl2, Device, ImageInputs, ModelError, SequenceCache, Tensor};
+use serde_json::Value;
+
+/// Greedy steps compared per sequence.
+const STEPS: usize = 8;
+
+/// Largest |batched - alone| logit difference allowed. Batched matmuls (M = B rows instead of 1)
+/// may sum in a different order; measured on the fixture models (f32, CPU, 2 threads), the worst
+/// difference over all steps and batch compositions is 7.6e-6 (tiny-like, small-like) and 8.6e-6
+/// (base-like). 5e-5 is ~6x that, and 4x below the fixtures' own parity tolerance (2e-4); a wrong
+/// position, cache row or expert choice moves logits by far more. A sequence only ever decoded
+/// in batches of one runs the single-sequence code path, so there the difference must be exactly
+/// 0 (after a batch of several, its cache rows carry that batch's rounding, so it need not be).
+const TOL_LOGITS: f32 = 5e-5;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load_model(variant: &str) -> DeepseekVl2 {
+    let dir = ModelDir::open(fixtures().join("models").join(variant)).expect("fixture model folder opens");
+    DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).expect("fixture model loads")
+}
+
+fn argmax(logits: &Tensor) -> u32 {
+    argmax_of(&logits.to_vec1::<f32>().unwrap())
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+}
+
+/// Pixel tensor of a case from its lossless tile PNGs: `(u8/255 - 0.5)/0.5` (as tests/parity.rs).
+fn tile_pixels(case_dir: &Path, processor: &Value) -> Tensor {
+    let tiles = processor["tiles"].as_array().expect("tiles");
+    let mut data = Vec::new();
+    for t in tiles {
+        let path = case_dir.join(t["png"].as_str().unwrap());
+        let img = image::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    let v = img.get_pixel(x, y)[c] as f32 / 255.0;
+                    data.push((v - 0.5) / 0.5);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (tiles.len(), 3, 384, 384), &Device::Cpu).unwrap()
+}
+
+/// Prompt embeddings `[len, hidden]` of a fixture case, images included.
+fn case_embeds(model: &DeepseekVl2, case: &str) -> Tensor {
+    let case_dir = fixtures().join("cases").join(case);
+    let processor = read_json(&case_dir.join("processor.json"));
+    let ids: Vec<u32> = serde_json::from_value(processor["input_ids"].clone()).unwrap();
+    let mask: Vec<bool> = processor["images_seq_mask"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().or(v.as_bool().map(u64::from)).unwrap() != 0)
+        .collect();
+    let crop: Vec<[usize; 2]> = serde_json::from_value(processor["images_spatial_crop"].clone()).unwrap();
+    let crop: Vec<[usize; 2]> = crop.into_iter().filter(|c| c[0] > 0 && c[1] > 0).collect();
+    let pixels = (!crop.is_empty()).then(|| tile_pixels(&case_dir, &processor));
+    let images = pixels.as_ref().map(|p| ImageInputs {
+        pixel_values: p,
+        spatial_crop: &crop,
+    });
+    model.embed_inputs(&ids, &mask, images, None).expect("embed_inputs")
+}
+
+/// Text-only prompt embeddings from made-up ids.
+fn text_embeds(model: &DeepseekVl2, len: usize, seed: u32) -> Tensor {
+    let vocab = model.config().language.vocab_size as u32;
+    let ids: Vec<u32> = (0..len as u32).map(|i| (seed + i * 131 + i * i * 7) % vocab).collect();
+    model.language().embed(&ids).unwrap()
+}
+
+/// The three prompts of each variant: two text-only of different lengths and one with an image.
+fn prompts(model: &DeepseekVl2) -> Vec<(&'static str, Tensor)> {
+    vec![
+        ("text5", text_embeds(model, 5, 11)),
+        ("text37", text_embeds(model, 37, 2024)),
+        ("single_small", case_embeds(model, "single_small")),
+    ]
+}
+
+/// One sequence decoded alone: its prefill logits, then the logits of each greedy `step`.
+struct Solo {
+    /// `logits[0]` from the prefill; `logits[i]` after feeding `tokens[i - 1]`.
+    logits: Vec<Tensor>,
+    /// Greedy choice of each `logits[i]`.
+    tokens: Vec<u32>,
+}
+
+fn decode_alone(model: &DeepseekVl2, embeds: &Tensor) -> Solo {
+    let mut cache = model.new_cache();
+    let mut logits = vec![model.forward_embeds(embeds, &mut cache, None).unwrap()];
+    let mut tokens = vec![argmax(&logits[0])];
+    for _ in 0..STEPS {
+        let l = model.step(*tokens.last().unwrap(), &mut cache).unwrap();
+        tokens.push(argmax(&l));
+        logits.push(l);
+    }
+    Solo { logits, tokens }
+}
+
+/// A sequence in a batched run: its cache, and the next step (1-based index into `Solo::logits`).
+struct Running<'a> {
+    name: &'static str,
+    solo: &'a Solo,
+    cache: SequenceCache,
+    tokens: Vec<u32>,
+}
+
+impl<'a> Running<'a> {
+    fn prefill(model: &DeepseekVl2, name: &'static str, embeds: &Tensor, solo: &'a Solo) -> Self {
+        let mut cache = model.new_cache();
+        let logits = model.forward_embeds(embeds, &mut cache, None).unwrap();
+        assert_eq!(
+            max_abs_diff(&logits, &solo.logits[0]),
+            0.0,
+            "{name}: prefill is deterministic"
+        );
+        Running {
+            name,
+            solo,
+            cache,
+            tokens: vec![argmax(&logits)],
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.tokens.len() > STEPS
+    }
+}
+
+/// One `step_batch` over the sequences `active` (indices into `seqs`), checking each row against
+/// the sequence decoded alone; returns the largest logit difference.
+fn batched_step(model: &DeepseekVl2, label: &str, seqs: &mut [Running], active: &[usize]) -> f32 {
+    let tokens: Vec<u32> = active.iter().map(|&i| *seqs[i].tokens.last().unwrap()).collect();
+    let lens: Vec<usize> = active.iter().map(|&i| seqs[i].cache.len()).collect();
+    let logits = {
+        let mut caches: Vec<&mut SequenceCache> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(_, s)| &mut s.cache)
+            .collect();
+        // `caches` is in `seqs` order; keep `active` sorted so rows line up.
+        assert!(active.windows(2).all(|w| w[0] < w[1]));
+        model.step_batch(&tokens, &mut caches).expect("step_batch")
+    };
+    assert_eq!(logits.dims(), [active.len(), model.config().language.vocab_size]);
+    let mut worst = 0.0f32;
+    for (row, &i) in active.iter().enumerate() {
+        let seq = &mut seqs[i];
+        assert_eq!(
+            seq.cache.len(),
+            lens[row] + 1,
+            "{label}/{}: cache grew by one",
+            seq.name
+        );
+        let step = seq.tokens.len();
+        let ours = logits.get(row).unwrap();
+        let d = max_abs_diff(&ours, &seq.solo.logits[step]);
+        assert!(
+            d <= TOL_LOGITS,
+            "{label}/{}: step {step} (batch of {}, position {}): logits differ from decoding alone by {d:.3e} > {TOL_LOGITS:.0e}",
+            seq.name,
+            active.len(),
+            lens[row]
+        );
+        worst = worst.max(d);
+        seq.tokens.push(argmax(&ours));
+        assert_eq!(
+            seq.tokens[..],
+            seq.solo.tokens[..=step],
+            "{label}/{}: greedy tokens differ from decoding alone",
+            seq.name
+        );
+    }
+    worst
+}
+
+fn run_variant(variant: &str) {
+    let model = load_model(variant);
+    let prompts = prompts(&model);
+    let solos: Vec<Solo> = prompts.iter().map(|(_, e)| decode_alone(&model, e)).collect();
+
+    // All three together for every step: each at its own (different) cache length.
+    let mut seqs: Vec<Running> = prompts
+        .iter()
+        .zip(&solos)
+        .map(|((name, e), solo)| Running::prefill(&model, name, e, solo))
+        .collect();
+    let mut worst_full = 0.0f32;
+    for _ in 0..STEPS {
+        worst_full = worst_full.max(batched_step(&model, variant, &mut seqs, &[0, 1, 2]));
+    }
+    assert!(seqs.iter().all(Running::done));
+
+    // Batches of one are exactly `step`.
+    let mut alone = Running::prefill(&model, prompts[1].0, &prompts[1].1, &solos[1]);
+    for _ in 0..STEPS {
+        let logits = model
+            .step_batch(&[*alone.tokens.last().unwrap()], &mut [&mut alone.cache])
+            .unwrap();
+        let step = alone.tokens.len();
+        let d = max_abs_diff(&logits.get(0).unwrap(), &solos[1].logits[step]);
+        assert_eq!(d, 0.0, "{variant}: step {step}: a batch of one differs from `step`");
+        alone.tokens.push(argmax(&logits.get(0).unwrap()));
+    }
+    assert_eq!(alone.tokens, solos[1].tokens);
+
+    // Changing composition: text37 and the image prompt start together, text5 joins after two
+    // steps (prefilled then), the image prompt leaves after five, and a second copy of text5
+    // joins two steps behind the first, so the same prompt runs at two cache lengths in one
+    // batch. Each runs its 8 steps (the batch sizes per step are printed).
+    let mut seqs: Vec<Running> = Vec::new();
+    let mut slot_of = Vec::new();
+    let mut worst_mixed = 0.0f32;
+    let mut sizes = Vec::new();
+    for step in 0.. {
+        let joins: &[usize] = match step {
+            0 => &[1, 2],
+            2 => &[0],
+            3 => &[0],
+            _ => &[],
+        };
+        for &p in joins {
+            let (name, e) = &prompts[p];
+            seqs.push(Running::prefill(&model, name, e, &solos[p]));
+            slot_of.push(p);
+        }
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| {
+                let left_early = slot_of[i] == 2 && seqs[i].tokens.len() > 5;
+                !seqs[i].done() && !left_early
+            })
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        sizes.push(active.len());
+        worst_mixed = worst_mixed.max(batched_step(&model, variant, &mut seqs, &active));
+    }
+    // The image prompt left early; everything else ran to the end.
+    for (i, s) in seqs.iter().enumerate() {
+        assert!(s.done() || slot_of[i] == 2, "{}: did not finish", s.name);
+    }
+    println!(
+        "{variant:>10}: max |batched - alone| logits: all 3 together {worst_full:.3e}, \
+         join/leave (batch sizes {sizes:?}) {worst_mixed:.3e} (tolerance {TOL_LOGITS:.0e})"
+    );
+}
+
+#[test]
+fn tiny_like_batched_matches_alone() {
+    run_variant("tiny-like");
+}
+
+#[test]
+fn small_like_batched_matches_alone() {
+    run_variant("small-like");
+}
+
+#[test]
+fn base_like_batched_matches_alone() {
+    run_variant("base-like");
+}
+
+#[test]
+fn bad_batches_are_errors_and_leave_caches_alone() {
+    let model = load_model("small-like");
+    let mut a = model.new_cache();
+    model.forward_embeds(&text_embeds(&model, 4, 1), &mut a, None).unwrap();
+
+    let err = model.step_batch(&[], &mut []).unwrap_err();
+    assert!(matches!(err, ModelError::Input(_)), "{err}");
+    assert!(err.to_string().contains("empty"), "{err}");
+
+    let err = model.step_batch(&[1, 2], &mut [&mut a]).unwrap_err();
+    assert!(err.to_string().contains("2 token(s) for 1"), "{err}");
+
+    let vocab = model.config().language.vocab_size as u32;
+    let err = model.step_batch(&[vocab], &mut [&mut a]).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+
+    let hidden = model.config().language.hidden_size;
+    let wrong = Tensor::zeros((2, hidden), DType::F32, &Device::Cpu).unwrap();
+    let err = model.language().decode_batch(&wrong, &mut [&mut a]).unwrap_err();
+    assert!(err.to_string().contains("needs embeddings [1,"), "{err}");
+    assert_eq!(a.len(), 4, "failed calls leave the cache as it was");
+}
+
+#[test]
+fn batch_past_the_context_is_an_error() {
+    let model = load_model("tiny-like");
+    let context = model.config().language.max_position_embeddings;
+    let mut short = model.new_cache();
+    model
+        .forward_embeds(&text_embeds(&model, 3, 5), &mut short, None)
+        .unwrap();
+    let mut full = model.new_cache();
+    model
+        .forward_embeds(&text_embeds(&model, context - 1, 9), &mut full, None)
+        .unwrap();
+    // The last free position still works, batched with a short sequence.
+    model.step_batch(&[1, 2], &mut [&mut short, &mut full]).unwrap();
+    assert_eq!(full.len(), context);
+    let err = model.step_batch(&[1, 2], &mut [&mut short, &mut full]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("sequence 1 of the batch") && text.contains(&format!("context of {context} tokens")),
+        "{text}"
+    );
+    assert_eq!((short.len(), full.len()), (4, context), "nothing ran");
+}
+
+/// Not a benchmark: prints the time of one decode step for B=1 (`step`), B=1 and B=4
+/// (`step_batch`) on the fixture models, to see that batching amortises the per-step cost.
+#[test]
+fn step_time_b1_vs_b4() {
+    for variant in ["tiny-like", "base-like"] {
+        let model = load_model(variant);
+        let mut caches: Vec<SequenceCache> = (0..4)
+            .map(|i| {
+                let mut c = model.new_cache();
+                model
+                    .forward_embeds(&text_embeds(&model, 64 + 16 * i, i as u32), &mut c, None)
+                    .unwrap();
+                c
+            })
+            .collect();
+        let reps = 20;
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64 * 1e3
+        };
+        let (first, rest) = caches.split_first_mut().unwrap();
+        let single = time(&mut || {
+            model.step(7, first).unwrap();
+        });
+        let b1 = time(&mut || {
+            model.step_batch(&[7], &mut [&mut *first]).unwrap();
+        });
+        let b4 = time(&mut || {
+            let mut batch: Vec<&mut SequenceCache> = std::iter::once(&mut *first).chain(rest.iter_mut()).collect();
+            model.step_batch(&[7, 8, 9, 10], &mut batch).unwrap();
+        });
+        println!(
+            "{variant:>10}: step {single:.3} ms; step_batch B=1 {b1:.3} ms, B=4 {b4:.3} ms \
+             ({:.3} ms per sequence)",
+            b4 / 4.0
+        );
+    }
+}

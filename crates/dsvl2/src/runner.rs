@@ -1,0 +1,245 @@
+//! What `generate` and `chat` share: loading a model with a progress bar, and answering one
+//! prepared prompt (vision, prefill over what the cache lacks, decoding with stop strings,
+//! streaming text to a sink).
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::Context;
+use dsvl2_config::ModelDir;
+use dsvl2_model::{
+    check_context, generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Sampler, SamplingParams,
+    SequenceCache, Tensor,
+};
+use dsvl2_processor::{PreparedInput, Processor, StopStrings, TextStream};
+use serde::Serialize;
+
+/// The model used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "deepseek-ai/deepseek-vl2-tiny";
+
+/// Opens a model given as a local folder or a Hub repo id (downloaded into the Hugging Face cache
+/// if it is not there yet; a cached model starts without network).
+pub fn open_model(spec: &str) -> anyhow::Result<ModelDir> {
+    let path = dsvl2_hub::resolve_model(spec, &dsvl2_hub::HubOptions::from_env())
+        .with_context(|| format!("cannot get model {spec}"))?;
+    ModelDir::open(&path).with_context(|| format!("cannot open model folder {}", path.display()))
+}
+
+/// The hosted model's default answer budget (`max_length_tokens`).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 2048;
+
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub processor: Processor,
+    pub model: DeepseekVl2,
+    pub load_seconds: f64,
+}
+
+/// Opens the folder and loads tokenizer and weights; a progress bar on stderr when it is a terminal.
+pub fn load_model(dir: ModelDir) -> anyhow::Result<LoadedModel> {
+    let started = Instant::now();
+    let processor = Processor::from_model_dir(&dir).context("cannot load the tokenizer")?;
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} {elapsed}")
+                .expect("valid template"),
+        );
+        bar
+    });
+    let report = progress.clone().map(|bar| {
+        move |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    });
+    let model = DeepseekVl2::load_with_progress(&dir, &Device::Cpu, DType::F32, report)
+        .with_context(|| format!("cannot load the weights of {}", dir.root.display()))?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(LoadedModel {
+        dir,
+        processor,
+        model,
+        load_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// How much to generate and when to stop.
+pub struct Limits {
+    /// `None`: the default budget, clamped to the context left (with a note).
+    pub max_new_tokens: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Timings {
+    /// Vision tower, projector and embedding layout.
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+pub struct Answer {
+    /// Generated ids (with the final EOS when the model wrote one).
+    pub tokens: Vec<u32>,
+    /// The answer text, without EOS and without a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+/// The answer budget: explicit (must fit, checked by the caller's `check_context`) or the default
+/// clamped to what the context leaves.
+fn budget(limits: &Limits, prompt_len: usize, context: usize) -> usize {
+    match limits.max_new_tokens {
+        Some(n) => n,
+        None => {
+            let left = context.saturating_sub(prompt_len).max(1);
+            if left < DEFAULT_MAX_NEW_TOKENS {
+                eprintln!(
+                    "note: generating at most {left} tokens, what the {context}-token context leaves after the \
+                     {prompt_len}-token prompt"
+                );
+            }
+            DEFAULT_MAX_NEW_TOKENS.min(left)
+        }
+    }
+}
+
+/// Answers `prepared`, continuing `cache` (whose first `cached` tokens must equal the prompt's
+/// first tokens: only the rest is prefilled). Each piece of final text goes to `sink` as soon as
+/// it is known; a sink error stops generation and is returned.
+pub fn answer(
+    loaded: &LoadedModel,
+    prepared: &PreparedInput,
+    cache: &mut SequenceCache,
+    sampling: &SamplingParams,
+    limits: &Limits,
+    mut sink: impl FnMut(&str) -> std::io::Result<()>,
+) -> anyhow::Result<Answer> {
+    let model = &loaded.model;
+    let processor = &loaded.processor;
+    let context = loaded.dir.config.language.max_position_embeddings;
+    let prompt_len = prepared.input_ids.len();
+    let max_new_tokens = budget(limits, prompt_len, context);
+    check_context(prompt_len, &prepared.num_image_tokens, max_new_tokens, context)?;
+
+    let started = Instant::now();
+    let cached = cache.len().min(prompt_len.saturating_sub(1));
+    cache.truncate(cached);
+    let pixels = if prepared.n_tiles > 0 {
+        let [n, c, h, w] = prepared.pixel_shape();
+        Some(Tensor::from_slice(
+            &prepared.pixel_values,
+            (n, c, h, w),
+            model.device(),
+        )?)
+    } else {
+        None
+    };
+    let images = pixels.as_ref().map(|p| ImageInputs {
+        pixel_values: p,
+        spatial_crop: &prepared.images_spatial_crop,
+    });
+    let embeds = model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)?;
+    let new_embeds = embeds.narrow(0, cached, prompt_len - cached)?;
+    let vision_s = started.elapsed().as_secs_f64();
+
+    let eos = processor.eos_id();
+    let mut stream = TextStream::new(processor);
+    let mut stops = StopStrings::new(&limits.stop);
+    let mut text = String::new();
+    let mut failure: Option<anyhow::Error> = None;
+    let mut emit = |piece: &str, text: &mut String| -> anyhow::Result<()> {
+        text.push_str(piece);
+        if !piece.is_empty() {
+            sink(piece)?;
+        }
+        Ok(())
+    };
+    let mut sampler = Sampler::new(sampling.clone());
+    let generation = generate(
+        model,
+        cache,
+        &new_embeds,
+        &prepared.input_ids,
+        &mut sampler,
+        Some(eos),
+        max_new_tokens,
+        |token| {
+            if token == eos {
+                return true;
+            }
+            let shown = match stream.push(token) {
+                Ok(piece) => stops.push(&piece),
+                Err(e) => {
+                    failure = Some(e.into());
+                    return false;
+                }
+            };
+            if let Err(e) = emit(&shown, &mut text) {
+                failure = Some(e);
+                return false;
+            }
+            !stops.stopped()
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if !stops.stopped() {
+        let tail = stops.push(&stream.finish()?) + &stops.finish();
+        emit(&tail, &mut text)?;
+    }
+    let finish_reason = if stops.stopped() {
+        FinishReason::Stop
+    } else {
+        generation.finish_reason
+    };
+    let decoded = generation.tokens.len();
+    let timings = Timings {
+        vision_s,
+        prefill_s: generation.prefill_seconds,
+        decode_s: generation.decode_seconds,
+        prefill_tokens: prompt_len - cached,
+        prefill_tokens_per_s: (prompt_len - cached) as f64 / generation.prefill_seconds.max(1e-9),
+        // The first token comes from the prefill; decode steps produce the rest.
+        decode_tokens_per_s: decoded.saturating_sub(1) as f64 / generation.decode_seconds.max(1e-9),
+    };
+    Ok(Answer {
+        tokens: generation.tokens,
+        text,
+        finish_reason,
+        timings,
+    })
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A seed from the clock, for runs that do not ask for reproducibility.
+pub fn clock_seed() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// Whether an error is (caused by) writing to a closed pipe, e.g. `dsvl2 generate ... | head`.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
