@@ -115,6 +115,62 @@ impl StopStrings {
     }
 }
 
+/// The answer text of one generation: incremental detokenization, stop strings and the
+/// end-of-sentence token in one place, so every front end shows the same text.
+pub struct AnswerText<'a> {
+    stream: TextStream<'a>,
+    stops: StopStrings,
+    eos: u32,
+    text: String,
+}
+
+impl<'a> AnswerText<'a> {
+    pub fn new(processor: &'a Processor, stops: &[String]) -> Self {
+        AnswerText {
+            stream: TextStream::new(processor),
+            stops: StopStrings::new(stops),
+            eos: processor.eos_id(),
+            text: String::new(),
+        }
+    }
+
+    /// Adds a generated token; returns the text that became final (possibly empty). The EOS token
+    /// adds nothing.
+    pub fn push(&mut self, token: u32) -> Result<String, ProcessorError> {
+        if token == self.eos || self.stops.stopped() {
+            return Ok(String::new());
+        }
+        let delta = self.stops.push(&self.stream.push(token)?);
+        self.text.push_str(&delta);
+        Ok(delta)
+    }
+
+    /// Whether a stop string ended the answer.
+    pub fn stopped(&self) -> bool {
+        self.stops.stopped()
+    }
+
+    /// At the end of generation: whatever was held back.
+    pub fn finish(&mut self) -> Result<String, ProcessorError> {
+        if self.stops.stopped() {
+            return Ok(String::new());
+        }
+        let tail = self.stream.finish()?;
+        let delta = self.stops.push(&tail) + &self.stops.finish();
+        self.text.push_str(&delta);
+        Ok(delta)
+    }
+
+    /// The answer so far (all deltas returned until now).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn into_text(self) -> String {
+        self.text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::StopStrings;

@@ -27,7 +27,7 @@ use dsvl2_config::{ModelDir, ProcessorConfig};
 
 pub use annotate::{annotate, save_png};
 pub use conversation::{Conversation, Message, Role};
-pub use detokenize::{StopStrings, TextStream};
+pub use detokenize::{AnswerText, StopStrings, TextStream};
 pub use error::ProcessorError;
 pub use grounding::{parse_grounding, reference_accepts, GroundedBox, Grounding};
 pub use image::{decode_image, load_image, DecodeOptions, RgbImage, PILLOW_MAX_PIXELS};

@@ -11,7 +11,7 @@ use dsvl2_model::{
     check_context, generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Sampler, SamplingParams,
     SequenceCache, Tensor,
 };
-use dsvl2_processor::{PreparedInput, Processor, StopStrings, TextStream};
+use dsvl2_processor::{AnswerText, PreparedInput, Processor};
 use serde::Serialize;
 
 /// The model used when `--model` is not given.
@@ -123,7 +123,6 @@ pub fn answer(
     mut sink: impl FnMut(&str) -> std::io::Result<()>,
 ) -> anyhow::Result<Answer> {
     let model = &loaded.model;
-    let processor = &loaded.processor;
     let context = loaded.dir.config.language.max_position_embeddings;
     let prompt_len = prepared.input_ids.len();
     let max_new_tokens = budget(limits, prompt_len, context);
@@ -150,18 +149,8 @@ pub fn answer(
     let new_embeds = embeds.narrow(0, cached, prompt_len - cached)?;
     let vision_s = started.elapsed().as_secs_f64();
 
-    let eos = processor.eos_id();
-    let mut stream = TextStream::new(processor);
-    let mut stops = StopStrings::new(&limits.stop);
-    let mut text = String::new();
+    let mut text = AnswerText::new(&loaded.processor, &limits.stop);
     let mut failure: Option<anyhow::Error> = None;
-    let mut emit = |piece: &str, text: &mut String| -> anyhow::Result<()> {
-        text.push_str(piece);
-        if !piece.is_empty() {
-            sink(piece)?;
-        }
-        Ok(())
-    };
     let mut sampler = Sampler::new(sampling.clone());
     let generation = generate(
         model,
@@ -169,34 +158,32 @@ pub fn answer(
         &new_embeds,
         &prepared.input_ids,
         &mut sampler,
-        Some(eos),
+        Some(loaded.processor.eos_id()),
         max_new_tokens,
         |token| {
-            if token == eos {
-                return true;
-            }
-            let shown = match stream.push(token) {
-                Ok(piece) => stops.push(&piece),
-                Err(e) => {
-                    failure = Some(e.into());
-                    return false;
+            let shown = text.push(token).map_err(anyhow::Error::from).and_then(|delta| {
+                if !delta.is_empty() {
+                    sink(&delta)?;
                 }
-            };
-            if let Err(e) = emit(&shown, &mut text) {
-                failure = Some(e);
-                return false;
+                Ok(())
+            });
+            match shown {
+                Ok(()) => !text.stopped(),
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
             }
-            !stops.stopped()
         },
     )?;
     if let Some(e) = failure {
         return Err(e);
     }
-    if !stops.stopped() {
-        let tail = stops.push(&stream.finish()?) + &stops.finish();
-        emit(&tail, &mut text)?;
+    let tail = text.finish()?;
+    if !tail.is_empty() {
+        sink(&tail)?;
     }
-    let finish_reason = if stops.stopped() {
+    let finish_reason = if text.stopped() {
         FinishReason::Stop
     } else {
         generation.finish_reason
@@ -213,7 +200,7 @@ pub fn answer(
     };
     Ok(Answer {
         tokens: generation.tokens,
-        text,
+        text: text.into_text(),
         finish_reason,
         timings,
     })

@@ -1,0 +1,159 @@
+//! One request while the scheduler runs it: its cache, sampler, text and channel.
+
+use std::time::Instant;
+
+use dsvl2_model::{DeepseekVl2, FinishReason, ImageInputs, ModelError, Sampler, SequenceCache, Tensor};
+use dsvl2_processor::{AnswerText, Processor};
+
+use crate::{Completion, Event, Job};
+
+pub(crate) enum Phase {
+    /// `done` of the prompt's positions are in the cache; `embeds` holds all of them.
+    Prefill {
+        embeds: Option<Tensor>,
+        done: usize,
+    },
+    /// The next step feeds `next`.
+    Decode {
+        next: u32,
+    },
+    Finished,
+}
+
+pub(crate) struct Sequence<'p> {
+    job: Job,
+    pub cache: SequenceCache,
+    pub phase: Phase,
+    sampler: Sampler,
+    text: AnswerText<'p>,
+    /// Prompt and generated ids: what the repetition penalty sees.
+    seen: Vec<u32>,
+    tokens: Vec<u32>,
+    eos: u32,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+impl<'p> Sequence<'p> {
+    pub fn new(job: Job, model: &DeepseekVl2, processor: &'p Processor) -> Self {
+        let request = &job.request;
+        Sequence {
+            cache: model.new_cache(),
+            phase: Phase::Prefill { embeds: None, done: 0 },
+            sampler: Sampler::new(request.sampling.clone()),
+            text: AnswerText::new(processor, &request.stop),
+            seen: request.prepared.input_ids.clone(),
+            tokens: Vec::new(),
+            eos: processor.eos_id(),
+            admitted: Instant::now(),
+            first_token: None,
+            job,
+        }
+    }
+
+    /// The client is gone: nobody reads this sequence any more.
+    pub fn is_cancelled(&self) -> bool {
+        self.job.events.is_closed()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    pub fn is_prefilling(&self) -> bool {
+        matches!(self.phase, Phase::Prefill { .. })
+    }
+
+    pub fn next_token(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Decode { next } => Some(next),
+            _ => None,
+        }
+    }
+
+    /// Runs the next chunk of the prompt (the vision tower first, on the first call). After the
+    /// last chunk the first token is sampled.
+    pub fn prefill_chunk(&mut self, model: &DeepseekVl2, chunk: usize) -> Result<(), ModelError> {
+        let Phase::Prefill { embeds, done } = &mut self.phase else {
+            return Ok(());
+        };
+        let prepared = &self.job.request.prepared;
+        if embeds.is_none() {
+            let pixels = if prepared.n_tiles > 0 {
+                let [n, c, h, w] = prepared.pixel_shape();
+                Some(Tensor::from_slice(
+                    &prepared.pixel_values,
+                    (n, c, h, w),
+                    model.device(),
+                )?)
+            } else {
+                None
+            };
+            let images = pixels.as_ref().map(|p| ImageInputs {
+                pixel_values: p,
+                spatial_crop: &prepared.images_spatial_crop,
+            });
+            *embeds = Some(model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)?);
+        }
+        let all = embeds.as_ref().expect("embeds computed above");
+        let len = prepared.input_ids.len();
+        let n = chunk.max(1).min(len - *done);
+        let logits = model.forward_embeds(&all.narrow(0, *done, n)?, &mut self.cache, None)?;
+        *done += n;
+        if *done == len {
+            self.accept(logits.to_vec1()?);
+        }
+        Ok(())
+    }
+
+    /// Takes the logits of this sequence's latest position: samples, streams, decides whether to go on.
+    pub fn accept(&mut self, logits: Vec<f32>) {
+        let token = self.sampler.next(logits, &self.seen);
+        self.first_token.get_or_insert_with(Instant::now);
+        self.seen.push(token);
+        self.tokens.push(token);
+        match self.text.push(token) {
+            Ok(delta) => self.send_delta(delta),
+            Err(e) => return self.fail(&format!("cannot decode the answer: {e}")),
+        }
+        if token == self.eos || self.text.stopped() {
+            self.finish(FinishReason::Stop);
+        } else if self.tokens.len() >= self.job.request.max_new_tokens {
+            self.finish(FinishReason::Length);
+        } else if !self.is_finished() {
+            self.phase = Phase::Decode { next: token };
+        }
+    }
+
+    fn send_delta(&mut self, delta: String) {
+        if !delta.is_empty() && self.job.events.send(Event::Delta(delta)).is_err() {
+            self.phase = Phase::Finished; // cancelled
+        }
+    }
+
+    fn finish(&mut self, finish_reason: FinishReason) {
+        match self.text.finish() {
+            Ok(tail) => self.send_delta(tail),
+            Err(e) => return self.fail(&format!("cannot decode the answer: {e}")),
+        }
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        let completion = Completion {
+            text: self.text.text().to_string(),
+            tokens: std::mem::take(&mut self.tokens),
+            finish_reason,
+            prompt_tokens: self.job.request.prepared.input_ids.len(),
+            queue_seconds: (self.admitted - self.job.submitted).as_secs_f64(),
+            first_token_seconds: (first - self.job.submitted).as_secs_f64(),
+            decode_seconds: (now - first).as_secs_f64(),
+        };
+        let _ = self.job.events.send(Event::Done(completion));
+        self.phase = Phase::Finished;
+    }
+
+    /// Ends the request with an error message for the client.
+    pub fn fail(&mut self, message: &str) {
+        let _ = self.job.events.send(Event::Failed(message.to_string()));
+        self.phase = Phase::Finished;
+    }
+}

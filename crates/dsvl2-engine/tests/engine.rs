@@ -1,0 +1,185 @@
+//! The engine: concurrent requests give their sequential answers, streams add up, cancellation
+//! frees the slot, and limits are enforced at submission.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dsvl2_config::ModelDir;
+use dsvl2_engine::{Completion, Engine, EngineConfig, Event, GenerateRequest, SubmitError};
+use dsvl2_model::{DType, DeepseekVl2, Device, FinishReason, SamplingParams};
+use dsvl2_processor::{Conversation, PreparedInput, Processor};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn start(variant: &str, config: EngineConfig) -> (Engine, Arc<Processor>) {
+    let dir = ModelDir::open(fixtures().join("models").join(variant)).unwrap();
+    let processor = Arc::new(Processor::from_model_dir(&dir).unwrap());
+    let model = DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    (Engine::start(model, processor.clone(), config), processor)
+}
+
+fn prepare(processor: &Processor, prompt: &str, images: &[&str]) -> PreparedInput {
+    let images = images.iter().map(|i| fixtures().join("images").join(i)).collect();
+    processor
+        .prepare_with_files(&Conversation::single_turn(prompt, images), "")
+        .unwrap()
+}
+
+fn greedy(prepared: PreparedInput, max_new_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prepared,
+        sampling: SamplingParams::greedy(),
+        max_new_tokens,
+        stop: Vec::new(),
+    }
+}
+
+/// Reads a request's events to the end: (deltas joined, completion).
+fn collect(mut rx: UnboundedReceiver<Event>) -> (String, Completion) {
+    let mut text = String::new();
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Delta(d) => text.push_str(&d),
+            Event::Done(c) => return (text, c),
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("the stream ended without Done");
+}
+
+#[test]
+fn concurrent_requests_get_their_sequential_answers() {
+    let (engine, processor) = start("small-like", EngineConfig::default());
+    let requests = [
+        greedy(
+            prepare(
+                &processor,
+                "Describe each stage of this <image> in detail.",
+                &["wide_street.png"],
+            ),
+            24,
+        ),
+        greedy(prepare(&processor, "Tell me a long story about the sea.", &[]), 30),
+        greedy(prepare(&processor, "<image>\nWhat is this?", &["small_photo.png"]), 12),
+    ];
+    // One at a time.
+    let alone: Vec<(String, Completion)> = requests
+        .iter()
+        .map(|r| collect(engine.submit(r.clone()).unwrap()))
+        .collect();
+    // All at once: prefills interleave with batched decode steps.
+    let receivers: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+    let together: Vec<(String, Completion)> = receivers.into_iter().map(collect).collect();
+    for (i, ((text_a, a), (text_b, b))) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}: batching changed the greedy tokens");
+        assert_eq!(a.text, b.text);
+        assert_eq!(text_a, &a.text, "request {i}: deltas do not add up to the text");
+        assert_eq!(text_b, &b.text);
+        assert_eq!(a.finish_reason, FinishReason::Length);
+    }
+    // And the first one is the reference's answer (tests/fixtures/cases/single_wide).
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases/single_wide/small-like.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(expected["generated_ids"].clone()).unwrap();
+    assert_eq!(together[0].1.tokens, ids);
+    assert_eq!(together[0].1.prompt_tokens, 831);
+}
+
+#[test]
+fn a_dropped_receiver_frees_the_slot() {
+    let (engine, processor) = start(
+        "tiny-like",
+        EngineConfig {
+            max_running: 1,
+            ..EngineConfig::default()
+        },
+    );
+    let long = greedy(prepare(&processor, "Go on forever.", &[]), 4000);
+    let mut rx = engine.submit(long).unwrap();
+    // Wait until it is generating, then walk away.
+    assert!(matches!(rx.blocking_recv(), Some(Event::Delta(_))));
+    drop(rx);
+    // The single slot must come free for the next request well before 4000 tokens are done.
+    let started = Instant::now();
+    let (_, done) = collect(engine.submit(greedy(prepare(&processor, "hi", &[]), 3)).unwrap());
+    assert_eq!(done.tokens.len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(engine.stats().running.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn limits_are_enforced_at_submission() {
+    let (engine, processor) = start(
+        "tiny-like",
+        EngineConfig {
+            max_queue: 1,
+            max_running: 1,
+            prefill_chunk: 64,
+        },
+    );
+    let too_long = greedy(prepare(&processor, "hi", &[]), 5000);
+    let err = engine.submit(too_long).unwrap_err().to_string();
+    assert!(
+        err.contains("plus 5000 new tokens, but the model's context is 4096 tokens"),
+        "{err}"
+    );
+    let err = engine.submit(greedy(prepare(&processor, "hi", &[]), 0)).unwrap_err();
+    assert!(matches!(err, SubmitError::Invalid(_)), "{err}");
+
+    // One running, one waiting: the rest are refused, not queued without bound.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        match engine.submit(greedy(prepare(&processor, "Go on.", &[]), 200)) {
+            Ok(rx) => accepted.push(rx),
+            Err(SubmitError::QueueFull { capacity }) => {
+                assert_eq!(capacity, 1);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 3, "only {refused} of 6 refused with a queue of 1");
+    for rx in accepted {
+        collect(rx);
+    }
+}
+
+#[test]
+fn stop_strings_and_eos_end_a_request_with_stop() {
+    let (engine, processor) = start("tiny-like", EngineConfig::default());
+    let (_, full) = collect(
+        engine
+            .submit(greedy(prepare(&processor, "hello there", &[]), 16))
+            .unwrap(),
+    );
+    // Stop at a piece of the greedy answer: the answer ends right before it.
+    let cut = full.text.char_indices().nth(full.text.chars().count() / 2).unwrap().0;
+    let stop = full.text[cut..].chars().take(3).collect::<String>();
+    let mut request = greedy(prepare(&processor, "hello there", &[]), 16);
+    request.stop = vec![stop.clone()];
+    let (streamed, stopped) = collect(engine.submit(request).unwrap());
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(stopped.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert_eq!(streamed, stopped.text);
+}
+
+#[test]
+fn shutdown_finishes_running_requests_and_refuses_new_ones() {
+    let (engine, processor) = start("tiny-like", EngineConfig::default());
+    let rx = engine.submit(greedy(prepare(&processor, "hello", &[]), 8)).unwrap();
+    let waiter = std::thread::spawn(move || collect(rx));
+    engine.shutdown();
+    let (_, done) = waiter.join().unwrap();
+    assert_eq!(done.tokens.len(), 8);
+    assert!(matches!(
+        engine.submit(greedy(prepare(&processor, "hello", &[]), 8)),
+        Err(SubmitError::ShuttingDown)
+    ));
+}
