@@ -18,6 +18,14 @@ mod vl;
 pub use error::ConfigError;
 pub use language::{LanguageConfig, MoeConfig, RopeScaling, ScoringFunc, TopkMethod};
 pub use model_dir::{ModelDir, TokenizerFiles, WeightFiles};
+
+/// The file names of the official layout.
+pub mod files {
+    pub use crate::model_dir::{
+        CONFIG_FILE, PROCESSOR_CONFIG_FILE, SINGLE_WEIGHTS_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE,
+        TOKENIZER_FILE, WEIGHTS_INDEX_FILE,
+    };
+}
 pub use processor::ProcessorConfig;
 pub use vl::{GlobalViewPos, ModelConfig, ProjectorConfig, ProjectorType, TileTag, VisionConfig};
 

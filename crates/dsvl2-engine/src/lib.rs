@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use dsvl2_model::{check_context, DeepseekVl2, FinishReason, ModelError, SamplingParams};
+use dsvl2_model::{check_context, DeepseekVl2, FinishReason, ImageInputs, ModelError, SamplingParams, Tensor};
 use dsvl2_processor::{PreparedInput, Processor};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -97,6 +97,22 @@ pub enum SubmitError {
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+}
+
+/// The language model's input `[len, hidden]` for a prepared request: token embeddings with the
+/// image embeddings (vision tower over all tiles, projector, 2D layout) at the image positions.
+pub fn embed_prepared(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<Tensor, ModelError> {
+    let pixels = if prepared.n_tiles > 0 {
+        let [n, c, h, w] = prepared.pixel_shape();
+        Some(Tensor::from_slice(&prepared.pixel_values, (n, c, h, w), model.device())?)
+    } else {
+        None
+    };
+    let images = pixels.as_ref().map(|p| ImageInputs {
+        pixel_values: p,
+        spatial_crop: &prepared.images_spatial_crop,
+    });
+    model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)
 }
 
 pub(crate) struct Job {

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use dsvl2_model::{DeepseekVl2, FinishReason, ImageInputs, ModelError, Sampler, SequenceCache, Tensor};
+use dsvl2_model::{DeepseekVl2, FinishReason, ModelError, Sampler, SequenceCache, Tensor};
 use dsvl2_processor::{AnswerText, Processor};
 
 use crate::{Completion, Event, Job};
@@ -79,21 +79,7 @@ impl<'p> Sequence<'p> {
         };
         let prepared = &self.job.request.prepared;
         if embeds.is_none() {
-            let pixels = if prepared.n_tiles > 0 {
-                let [n, c, h, w] = prepared.pixel_shape();
-                Some(Tensor::from_slice(
-                    &prepared.pixel_values,
-                    (n, c, h, w),
-                    model.device(),
-                )?)
-            } else {
-                None
-            };
-            let images = pixels.as_ref().map(|p| ImageInputs {
-                pixel_values: p,
-                spatial_crop: &prepared.images_spatial_crop,
-            });
-            *embeds = Some(model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)?);
+            *embeds = Some(crate::embed_prepared(model, prepared)?);
         }
         let all = embeds.as_ref().expect("embeds computed above");
         let len = prepared.input_ids.len();

@@ -12,13 +12,10 @@ use crate::spec::is_commit_hash;
 use crate::HubRepo;
 
 // The names `dsvl2_config::ModelDir::open` looks for.
-pub const CONFIG_FILE: &str = "config.json";
-pub const PROCESSOR_CONFIG_FILE: &str = "processor_config.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
-pub const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
-pub const SINGLE_WEIGHTS_FILE: &str = "model.safetensors";
-pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+pub use dsvl2_config::files::{
+    CONFIG_FILE, PROCESSOR_CONFIG_FILE, SINGLE_WEIGHTS_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE, WEIGHTS_INDEX_FILE,
+};
 
 /// Files every model needs.
 pub const REQUIRED_FILES: [&str; 3] = [CONFIG_FILE, PROCESSOR_CONFIG_FILE, TOKENIZER_FILE];

@@ -3,13 +3,12 @@
 //! whatever else is in the batch, at whatever cache length, and when sequences join or leave.
 //! Run with `--nocapture` to see the measured differences and step timings.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dsvl2_config::ModelDir;
-use dsvl2_model::sampling::argmax as argmax_of;
 use dsvl2_model::{DType, DeepseekVl2, Device, ImageInputs, ModelError, SequenceCache, Tensor};
-use serde_json::Value;
+
+mod common;
+use common::*;
 
 /// Greedy steps compared per sequence.
 const STEPS: usize = 8;
@@ -23,23 +22,9 @@ const STEPS: usize = 8;
 /// 0 (after a batch of several, its cache rows carry that batch's rounding, so it need not be).
 const TOL_LOGITS: f32 = 5e-5;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
-fn load_model(variant: &str) -> DeepseekVl2 {
-    let dir = ModelDir::open(fixtures().join("models").join(variant)).expect("fixture model folder opens");
-    DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).expect("fixture model loads")
-}
 
-fn argmax(logits: &Tensor) -> u32 {
-    argmax_of(&logits.to_vec1::<f32>().unwrap())
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -51,27 +36,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
 }
 
-/// Pixel tensor of a case from its lossless tile PNGs: `(u8/255 - 0.5)/0.5` (as tests/parity.rs).
-fn tile_pixels(case_dir: &Path, processor: &Value) -> Tensor {
-    let tiles = processor["tiles"].as_array().expect("tiles");
-    let mut data = Vec::new();
-    for t in tiles {
-        let path = case_dir.join(t["png"].as_str().unwrap());
-        let img = image::open(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            .to_rgb8();
-        let (w, h) = img.dimensions();
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    let v = img.get_pixel(x, y)[c] as f32 / 255.0;
-                    data.push((v - 0.5) / 0.5);
-                }
-            }
-        }
-    }
-    Tensor::from_vec(data, (tiles.len(), 3, 384, 384), &Device::Cpu).unwrap()
-}
 
 /// Prompt embeddings `[len, hidden]` of a fixture case, images included.
 fn case_embeds(model: &DeepseekVl2, case: &str) -> Tensor {
@@ -209,7 +173,7 @@ fn batched_step(model: &DeepseekVl2, label: &str, seqs: &mut [Running], active: 
 }
 
 fn run_variant(variant: &str) {
-    let model = load_model(variant);
+    let model = load_model(&fixtures(), variant);
     let prompts = prompts(&model);
     let solos: Vec<Solo> = prompts.iter().map(|(_, e)| decode_alone(&model, e)).collect();
 
@@ -297,7 +261,7 @@ fn base_like_batched_matches_alone() {
 
 #[test]
 fn bad_batches_are_errors_and_leave_caches_alone() {
-    let model = load_model("small-like");
+    let model = load_model(&fixtures(), "small-like");
     let mut a = model.new_cache();
     model.forward_embeds(&text_embeds(&model, 4, 1), &mut a, None).unwrap();
 
@@ -321,7 +285,7 @@ fn bad_batches_are_errors_and_leave_caches_alone() {
 
 #[test]
 fn batch_past_the_context_is_an_error() {
-    let model = load_model("tiny-like");
+    let model = load_model(&fixtures(), "tiny-like");
     let context = model.config().language.max_position_embeddings;
     let mut short = model.new_cache();
     model
@@ -348,7 +312,7 @@ fn batch_past_the_context_is_an_error() {
 #[test]
 fn step_time_b1_vs_b4() {
     for variant in ["tiny-like", "base-like"] {
-        let model = load_model(variant);
+        let model = load_model(&fixtures(), variant);
         let mut caches: Vec<SequenceCache> = (0..4)
             .map(|i| {
                 let mut c = model.new_cache();

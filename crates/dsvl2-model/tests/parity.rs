@@ -8,12 +8,11 @@
 //! float32 noise. Run with `--nocapture` to see the measured errors per stage.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use dsvl2_config::ModelDir;
-use dsvl2_model::sampling::argmax as argmax_of;
-use dsvl2_model::{DType, DeepseekVl2, Device, ImageInputs, LayerTrace, Tensor};
-use serde_json::Value;
+use dsvl2_model::{DType, ImageInputs, LayerTrace, Tensor};
+mod common;
+use common::*;
 
 const TOL_VISION: f32 = 5e-5;
 const TOL_PROJECTOR: f32 = 5e-5;
@@ -21,22 +20,9 @@ const TOL_EMBEDS: f32 = 5e-5;
 const TOL_HIDDEN: f32 = 1e-4;
 const TOL_LOGITS: f32 = 2e-4;
 
-fn argmax(logits: &Tensor) -> u32 {
-    argmax_of(&logits.to_vec1::<f32>().unwrap())
-}
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
-fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Largest absolute difference and where it is (flat index), after checking shapes.
 fn max_abs_diff(stage: &str, ours: &Tensor, reference: &Tensor) -> (f32, usize, f32, f32) {
@@ -95,33 +81,10 @@ impl Report {
     }
 }
 
-/// Pixel tensor of a case from its lossless tile PNGs: `(u8/255 - 0.5)/0.5` in f32 (README).
-fn tile_pixels(case_dir: &Path, processor: &Value) -> Tensor {
-    let tiles = processor["tiles"].as_array().expect("tiles");
-    let mut data = Vec::new();
-    for t in tiles {
-        let path = case_dir.join(t["png"].as_str().unwrap());
-        let img = image::open(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            .to_rgb8();
-        let (w, h) = img.dimensions();
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    let v = img.get_pixel(x, y)[c] as f32 / 255.0;
-                    data.push((v - 0.5) / 0.5);
-                }
-            }
-        }
-    }
-    let size = 384;
-    Tensor::from_vec(data, (tiles.len(), 3, size, size), &Device::Cpu).unwrap()
-}
 
 /// Every case of `root/cases/index.json` that lists `variant`, on `root/models/<variant>`.
 fn run_variant(root: &Path, variant: &str) {
-    let dir = ModelDir::open(root.join("models").join(variant)).expect("fixture model folder opens");
-    let model = DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).expect("fixture model loads");
+    let model = load_model(root, variant);
     let index = read_json(&root.join("cases/index.json"));
     let cases = index["model_cases"].as_object().expect("model_cases");
     let mut summary = Vec::new();

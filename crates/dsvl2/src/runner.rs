@@ -8,8 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use dsvl2_config::ModelDir;
 use dsvl2_model::{
-    check_context, generate, DType, DeepseekVl2, Device, FinishReason, ImageInputs, Sampler, SamplingParams,
-    SequenceCache, Tensor,
+    check_context, generate, DType, DeepseekVl2, Device, FinishReason, Sampler, SamplingParams, SequenceCache,
 };
 use dsvl2_processor::{AnswerText, PreparedInput, Processor};
 use serde::Serialize;
@@ -131,21 +130,7 @@ pub fn answer(
     let started = Instant::now();
     let cached = cache.len().min(prompt_len.saturating_sub(1));
     cache.truncate(cached);
-    let pixels = if prepared.n_tiles > 0 {
-        let [n, c, h, w] = prepared.pixel_shape();
-        Some(Tensor::from_slice(
-            &prepared.pixel_values,
-            (n, c, h, w),
-            model.device(),
-        )?)
-    } else {
-        None
-    };
-    let images = pixels.as_ref().map(|p| ImageInputs {
-        pixel_values: p,
-        spatial_crop: &prepared.images_spatial_crop,
-    });
-    let embeds = model.embed_inputs(&prepared.input_ids, &prepared.images_seq_mask, images, None)?;
+    let embeds = dsvl2_engine::embed_prepared(model, prepared)?;
     let new_embeds = embeds.narrow(0, cached, prompt_len - cached)?;
     let vision_s = started.elapsed().as_secs_f64();
 
