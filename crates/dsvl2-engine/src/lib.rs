@@ -104,7 +104,11 @@ pub struct EngineStats {
 pub fn embed_prepared(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<Tensor, ModelError> {
     let pixels = if prepared.n_tiles > 0 {
         let [n, c, h, w] = prepared.pixel_shape();
-        Some(Tensor::from_slice(&prepared.pixel_values, (n, c, h, w), model.device())?)
+        Some(Tensor::from_slice(
+            &prepared.pixel_values,
+            (n, c, h, w),
+            model.device(),
+        )?)
     } else {
         None
     };

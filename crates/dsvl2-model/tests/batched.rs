@@ -22,10 +22,6 @@ const STEPS: usize = 8;
 /// 0 (after a batch of several, its cache rows carry that batch's rounding, so it need not be).
 const TOL_LOGITS: f32 = 5e-5;
 
-
-
-
-
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
@@ -35,7 +31,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
 }
-
 
 /// Prompt embeddings `[len, hidden]` of a fixture case, images included.
 fn case_embeds(model: &DeepseekVl2, case: &str) -> Tensor {

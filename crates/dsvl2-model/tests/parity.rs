@@ -20,10 +20,6 @@ const TOL_EMBEDS: f32 = 5e-5;
 const TOL_HIDDEN: f32 = 1e-4;
 const TOL_LOGITS: f32 = 2e-4;
 
-
-
-
-
 /// Largest absolute difference and where it is (flat index), after checking shapes.
 fn max_abs_diff(stage: &str, ours: &Tensor, reference: &Tensor) -> (f32, usize, f32, f32) {
     assert_eq!(
@@ -80,7 +76,6 @@ impl Report {
         }
     }
 }
-
 
 /// Every case of `root/cases/index.json` that lists `variant`, on `root/models/<variant>`.
 fn run_variant(root: &Path, variant: &str) {

@@ -22,6 +22,8 @@ enum Command {
     Download(commands::download::DownloadArgs),
     /// Interactive multi-turn chat on stdin/stdout; the KV cache is kept between turns.
     Chat(commands::chat::ChatArgs),
+    /// HTTP server: Replicate Cog predictions and OpenAI chat completions, with metrics.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() {
@@ -31,6 +33,7 @@ fn main() {
         Command::Generate(args) => commands::generate::run(args),
         Command::Download(args) => commands::download::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     if let Err(err) = result {
         // A closed pipe (`dsvl2 generate ... | head`) is the reader's choice, not a failure.

@@ -5,3 +5,4 @@ pub mod download;
 pub mod generate;
 pub mod prepare;
 pub mod request;
+pub mod serve;
