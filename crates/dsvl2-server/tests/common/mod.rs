@@ -33,7 +33,12 @@ pub struct TestServer {
 }
 
 pub fn load_engine(config: EngineConfig) -> (Engine, Arc<Processor>) {
-    let dir = ModelDir::open(fixtures().join("models/tiny-like")).unwrap();
+    load_engine_of("tiny-like", config)
+}
+
+/// The fixture model `tests/fixtures/models/{variant}` behind an engine with `config`.
+pub fn load_engine_of(variant: &str, config: EngineConfig) -> (Engine, Arc<Processor>) {
+    let dir = ModelDir::open(fixtures().join("models").join(variant)).unwrap();
     let processor = Arc::new(Processor::from_model_dir(&dir).unwrap());
     let model = DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).unwrap();
     (Engine::start(model, processor.clone(), config), processor)
@@ -87,6 +92,78 @@ pub fn server() -> &'static TestServer {
         });
         rx.recv().unwrap()
     })
+}
+
+/// A server of its own, on the caller's runtime: a fixture model, its engine limits and options.
+pub struct OwnServer {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub state: AppState,
+    /// Send (or drop) to start a graceful shutdown.
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a ready server with the fixture model `variant` and `config` on a free port.
+pub async fn start_server(variant: &str, config: EngineConfig, options: ServerOptions) -> OwnServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState::new(options);
+    let variant = variant.to_string();
+    let (engine, processor) = tokio::task::spawn_blocking(move || load_engine_of(&variant, config))
+        .await
+        .unwrap();
+    state.set_ready(engine, processor);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(dsvl2_server::serve(listener, state.clone(), async {
+        let _ = stopped.await;
+    }));
+    OwnServer {
+        base,
+        state,
+        stop,
+        task,
+    }
+}
+
+/// A sample's value in `/metrics`: `name` is the metric with its labels as rendered (sorted by
+/// label name), e.g. `dsvl2_generations_total{api="openai",outcome="canceled"}`. A sample not
+/// rendered (a labelled counter never incremented) reads 0.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Polls `metric(name)` every 20 ms until `ok(value)` or `bound` passes; the last value and
+/// whether it got there.
+pub async fn wait_for_metric(
+    base: &str,
+    name: &str,
+    bound: std::time::Duration,
+    ok: impl Fn(f64) -> bool,
+) -> (f64, bool) {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let value = metric(base, name).await;
+        if ok(value) {
+            return (value, true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return (value, false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 pub fn data_uri(image: &str) -> String {
