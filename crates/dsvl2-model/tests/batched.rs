@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use dsvl2_model::{DType, DeepseekVl2, Device, ImageInputs, ModelError, SequenceCache, Tensor};
+use dsvl2_model::{DType, DeepseekVl2, Device, ModelError, SequenceCache, Tensor};
 
 mod common;
 use common::*;
@@ -34,23 +34,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Prompt embeddings `[len, hidden]` of a fixture case, images included.
 fn case_embeds(model: &DeepseekVl2, case: &str) -> Tensor {
-    let case_dir = fixtures().join("cases").join(case);
-    let processor = read_json(&case_dir.join("processor.json"));
-    let ids: Vec<u32> = serde_json::from_value(processor["input_ids"].clone()).unwrap();
-    let mask: Vec<bool> = processor["images_seq_mask"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().or(v.as_bool().map(u64::from)).unwrap() != 0)
-        .collect();
-    let crop: Vec<[usize; 2]> = serde_json::from_value(processor["images_spatial_crop"].clone()).unwrap();
-    let crop: Vec<[usize; 2]> = crop.into_iter().filter(|c| c[0] > 0 && c[1] > 0).collect();
-    let pixels = (!crop.is_empty()).then(|| tile_pixels(&case_dir, &processor));
-    let images = pixels.as_ref().map(|p| ImageInputs {
-        pixel_values: p,
-        spatial_crop: &crop,
-    });
-    model.embed_inputs(&ids, &mask, images, None).expect("embed_inputs")
+    let inputs = CaseInputs::load(&fixtures().join("cases").join(case));
+    model
+        .embed_inputs(&inputs.ids, &inputs.mask, inputs.images(), None)
+        .expect("embed_inputs")
 }
 
 /// Text-only prompt embeddings from made-up ids.

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use dsvl2_model::{DType, ImageInputs, LayerTrace, Tensor};
+use dsvl2_model::{DType, LayerTrace, Tensor};
 mod common;
 use common::*;
 
@@ -89,19 +89,9 @@ fn run_variant(root: &Path, variant: &str) {
             continue;
         }
         let case_dir = root.join("cases").join(case);
-        let processor = read_json(&case_dir.join("processor.json"));
         let expected = read_json(&case_dir.join(format!("{variant}.json")));
         let golden = load_tensors(&case_dir.join(format!("{variant}.safetensors")));
-        let ids: Vec<u32> = serde_json::from_value(processor["input_ids"].clone()).unwrap();
-        let mask: Vec<bool> = processor["images_seq_mask"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().or(v.as_bool().map(u64::from)).unwrap() != 0)
-            .collect();
-        let crop: Vec<[usize; 2]> = serde_json::from_value(processor["images_spatial_crop"].clone()).unwrap();
-        let crop: Vec<[usize; 2]> = crop.into_iter().filter(|c| c[0] > 0 && c[1] > 0).collect();
-        let pixels = (!crop.is_empty()).then(|| tile_pixels(&case_dir, &processor));
+        let inputs = CaseInputs::load(&case_dir);
 
         let mut report = Report {
             label: format!("{variant}/{case}"),
@@ -109,14 +99,10 @@ fn run_variant(root: &Path, variant: &str) {
             failures: Vec::new(),
         };
         let mut trace = LayerTrace::default();
-        let images = pixels.as_ref().map(|p| ImageInputs {
-            pixel_values: p,
-            spatial_crop: &crop,
-        });
         let embeds = model
-            .embed_inputs(&ids, &mask, images, Some(&mut trace))
+            .embed_inputs(&inputs.ids, &inputs.mask, inputs.images(), Some(&mut trace))
             .expect("embed_inputs");
-        if pixels.is_some() {
+        if inputs.pixels.is_some() {
             // Public cases share one vision tower; held-out models each have their own.
             let per_model = case_dir.join(format!("vision-{variant}.safetensors"));
             let vision_file = if per_model.exists() {

@@ -56,3 +56,41 @@ pub fn tile_pixels(case_dir: &Path, processor: &Value) -> Tensor {
     }
     Tensor::from_vec(data, (tiles.len(), 3, size, size), &Device::Cpu).unwrap()
 }
+
+/// The processor outputs of a fixture case (`processor.json` and its tiles).
+pub struct CaseInputs {
+    pub ids: Vec<u32>,
+    pub mask: Vec<bool>,
+    /// `[tw, th]` per image; empty for text-only cases (the reference writes `[[0, 0]]`).
+    pub crop: Vec<[usize; 2]>,
+    pub pixels: Option<Tensor>,
+}
+
+impl CaseInputs {
+    pub fn load(case_dir: &Path) -> Self {
+        let processor = read_json(&case_dir.join("processor.json"));
+        let ids: Vec<u32> = serde_json::from_value(processor["input_ids"].clone()).unwrap();
+        let mask: Vec<bool> = processor["images_seq_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().or(v.as_bool().map(u64::from)).unwrap() != 0)
+            .collect();
+        let crop: Vec<[usize; 2]> = serde_json::from_value(processor["images_spatial_crop"].clone()).unwrap();
+        let crop: Vec<[usize; 2]> = crop.into_iter().filter(|c| c[0] > 0 && c[1] > 0).collect();
+        let pixels = (!crop.is_empty()).then(|| tile_pixels(case_dir, &processor));
+        CaseInputs {
+            ids,
+            mask,
+            crop,
+            pixels,
+        }
+    }
+
+    pub fn images(&self) -> Option<dsvl2_model::ImageInputs<'_>> {
+        self.pixels.as_ref().map(|p| dsvl2_model::ImageInputs {
+            pixel_values: p,
+            spatial_crop: &self.crop,
+        })
+    }
+}
