@@ -271,14 +271,7 @@ async fn metrics_are_exposed() {
     )
     .await;
     assert_eq!(status, 200);
-    let text = client()
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&s.base).await;
     for name in [
         "dsvl2_http_requests_total{endpoint=\"/predictions\",status=\"200\"}",
         "dsvl2_queue_depth",

@@ -28,12 +28,16 @@ fn fixture(rel: &str) -> String {
 fn expected_ids(case: &str, variant: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(fixtures().join("cases").join(case).join(format!("{variant}.json"))).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    v["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    ids_of(&v["generated_ids"])
+}
+
+/// The generated ids of a `--json` report.
+fn output_ids(report: &Value) -> Vec<u64> {
+    ids_of(&report["output_tokens"])
+}
+
+fn ids_of(list: &Value) -> Vec<u64> {
+    list.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
 fn run_json(args: &[&str]) -> Value {
@@ -65,12 +69,7 @@ fn greedy_json_matches_reference_for_every_variant() {
             "1",
             "--json",
         ]);
-        let ids: Vec<u64> = report["output_tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let ids = output_ids(&report);
         assert_eq!(
             ids,
             expected_ids("single_wide", variant),
@@ -117,12 +116,7 @@ fn conversation_file_matches_reference() {
         "1",
         "--json",
     ]);
-    let ids: Vec<u64> = report["output_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let ids = output_ids(&report);
     assert_eq!(ids, expected_ids("multi_turn_system", "small-like"));
 }
 

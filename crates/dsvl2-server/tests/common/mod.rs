@@ -126,19 +126,25 @@ pub async fn start_server(variant: &str, config: EngineConfig, options: ServerOp
     }
 }
 
-/// A sample's value in `/metrics`: `name` is the metric with its labels as rendered (sorted by
-/// label name), e.g. `dsvl2_generations_total{api="openai",outcome="canceled"}`. A sample not
-/// rendered (a labelled counter never incremented) reads 0.
-pub async fn metric(base: &str, name: &str) -> f64 {
-    let text = client()
+/// The whole `/metrics` page.
+pub async fn metrics_text(base: &str) -> String {
+    client()
         .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// A sample's value in `/metrics`: `name` is the metric with its labels as rendered (sorted by
+/// label name), e.g. `dsvl2_generations_total{api="openai",outcome="canceled"}`. A sample not
+/// rendered (a labelled counter never incremented) reads 0.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    metrics_text(base)
+        .await
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map(|v| v.trim().parse().unwrap())
