@@ -79,6 +79,21 @@ impl Attention {
         }
     }
 
+    /// Bytes of all weights held (all of them are read for every token).
+    pub fn weight_bytes(&self) -> u64 {
+        match self {
+            Attention::Mha(a) => [&a.q, &a.k, &a.v, &a.o].iter().map(|l| l.weight_bytes()).sum(),
+            Attention::Mla(a) => {
+                let q = match &a.q {
+                    QueryProjection::Plain(l) => l.weight_bytes(),
+                    QueryProjection::LowRank { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
+                };
+                let absorbed = (a.w_uk.elem_count() + a.w_uv_t.elem_count()) as u64 * a.w_uk.dtype().size_in_bytes() as u64;
+                q + a.kv_a.weight_bytes() + a.o.weight_bytes() + absorbed
+            }
+        }
+    }
+
     /// Attention output `[rows, hidden]` for `input`, whose rows are `segments` in order; each
     /// segment's keys/values are appended to its cache.
     pub fn forward(

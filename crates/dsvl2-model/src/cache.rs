@@ -5,7 +5,8 @@
 use candle_core::Tensor;
 
 /// A tensor that grows along dimension 0, with amortised doubling instead of a copy per token.
-#[derive(Debug, Clone, Default)]
+/// Not `Clone`: copies must not share the buffer that `append` writes into (see [`Self::fork`]).
+#[derive(Debug, Default)]
 pub struct GrowingTensor {
     buffer: Option<Tensor>,
     len: usize,
@@ -32,6 +33,15 @@ impl GrowingTensor {
         buffer.narrow(0, 0, self.len)
     }
 
+    /// An independent copy (a plain `clone` shares the buffer, which `append` writes into).
+    pub fn fork(&self) -> candle_core::Result<Self> {
+        let buffer = match &self.buffer {
+            Some(b) => Some(b.copy()?),
+            None => None,
+        };
+        Ok(GrowingTensor { buffer, len: self.len })
+    }
+
     /// Keeps the first `len` rows (the buffer is reused).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -39,7 +49,7 @@ impl GrowingTensor {
 }
 
 /// One decoder layer's cache.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum LayerCache {
     /// Rotated keys and values, `[len, kv_heads, head_dim]` each.
     Mha { keys: GrowingTensor, values: GrowingTensor },
@@ -51,7 +61,7 @@ pub enum LayerCache {
 }
 
 /// Everything one sequence needs to continue decoding.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SequenceCache {
     pub(crate) layers: Vec<LayerCache>,
     /// Tokens already processed (the position of the next token).
@@ -70,6 +80,28 @@ impl SequenceCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// An independent copy: both can go on decoding without affecting each other (e.g. several
+    /// answers to one prefilled prompt).
+    pub fn fork(&self) -> candle_core::Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerCache::Mha { keys, values } => LayerCache::Mha {
+                        keys: keys.fork()?,
+                        values: values.fork()?,
+                    },
+                    LayerCache::Mla { latent, rope_key } => LayerCache::Mla {
+                        latent: latent.fork()?,
+                        rope_key: rope_key.fork()?,
+                    },
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(SequenceCache { layers, len: self.len })
     }
 
     /// Forgets everything after the first `len` tokens (e.g. to re-run a turn).

@@ -66,7 +66,7 @@ impl LanguageModel {
             .collect::<Result<Vec<_>, ModelError>>()?;
         let norm = RmsNorm::load(w, "language.model.norm", d, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("language.lm_head.weight") {
-            Linear::from_weight(embed_tokens.clone(), None)
+            Linear::from_tensor(&embed_tokens, None, w.format())?
         } else {
             Linear::load(w, "language.lm_head", d, cfg.vocab_size, false)?
         };
@@ -79,6 +79,28 @@ impl LanguageModel {
             cfg: cfg.clone(),
             device: w.device().clone(),
         })
+    }
+
+    /// Bytes of all weights held (the embedding table included).
+    pub fn weight_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| l.attention.weight_bytes() + l.ffn.weight_bytes())
+            .sum();
+        layers + self.lm_head.weight_bytes() + tensor_bytes(&self.embed_tokens)
+    }
+
+    /// Weight bytes one decode step of one sequence reads: every layer's attention, dense MLP,
+    /// shared experts and `num_experts_per_tok` routed experts, and the LM head (norms and the
+    /// one embedding row are negligible and left out).
+    pub fn decode_bytes_per_token(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| l.attention.weight_bytes() + l.ffn.bytes_per_token())
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     pub fn config(&self) -> &LanguageConfig {
@@ -255,6 +277,10 @@ impl LanguageModel {
     pub fn logits_batch(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 /// `[n, past+n]` additive mask: query i (at position past+i) sees keys 0..=past+i.

@@ -15,6 +15,7 @@ mod norm;
 mod projector;
 mod rope;
 pub mod sampling;
+mod storage;
 mod vision;
 mod vl;
 mod weights;
@@ -27,7 +28,9 @@ pub use linear::Linear;
 pub use projector::Projector;
 pub use sampling::{Sampler, SamplingParams};
 pub use vision::VisionTower;
-pub use vl::{DeepseekVl2, ImageInputs, LayerTrace};
+pub use storage::{is_linear_weight, storage_format};
+pub use vl::{DeepseekVl2, ImageInputs, LayerTrace, LoadOptions};
 pub use weights::Weights;
 
 pub use candle_core::{DType, Device, Tensor};
+pub use dsvl2_kernels::{Format, PackedMatrix};

@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use dsvl2_config::{LanguageConfig, MoeConfig, ScoringFunc, TopkMethod};
 
-use crate::linear::Linear;
+use crate::linear::{f32_rows, forward_many, Linear};
 use crate::{ModelError, Weights};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -24,9 +24,37 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let d = self.gate.in_dim();
+        let rows = x.elem_count() / d;
+        let y = forward_mlps(&[self], &[&f32_rows(x)?]).pop().expect("one MLP, one output");
+        Tensor::from_vec(y, (rows, self.down.out_dim()), x.device())
     }
+
+    /// Bytes of the three projections' weights.
+    pub fn weight_bytes(&self) -> u64 {
+        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+}
+
+/// `mlps[i]` applied to `inputs[i]` (row-major `[rows_i, hidden]`), all in two parallel
+/// dispatches: every gate and up projection at once, then every down projection.
+fn forward_mlps(mlps: &[&Mlp], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
+    let (layers, xs): (Vec<&Linear>, Vec<&[f32]>) = mlps
+        .iter()
+        .zip(inputs)
+        .flat_map(|(m, &x)| [(&m.gate, x), (&m.up, x)])
+        .unzip();
+    let gate_up = forward_many(&layers, &xs);
+    let hidden: Vec<Vec<f32>> = gate_up
+        .chunks_exact(2)
+        .map(|pair| {
+            let (gate, up) = (&pair[0], &pair[1]);
+            gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
+        })
+        .collect();
+    let downs: Vec<&Linear> = mlps.iter().map(|m| &m.down).collect();
+    let hidden: Vec<&[f32]> = hidden.iter().map(Vec::as_slice).collect();
+    forward_many(&downs, &hidden)
 }
 
 /// The experts chosen for one token and their weights.
@@ -163,32 +191,56 @@ impl Moe {
         })
     }
 
-    /// `x`: `[tokens, hidden]`. Tokens are grouped by expert so each expert runs once per call.
+    /// `x`: `[tokens, hidden]`. Tokens are grouped by expert, so each chosen expert runs once per
+    /// call on all its tokens, and all experts (with the shared ones) run in the same parallel
+    /// dispatches. The sum is taken in the reference's order: routed experts by index, then shared.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (tokens, d) = x.dims2()?;
         let routing = self.router.route(x)?;
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
-        let mut row_weights: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+        let xs = f32_rows(x)?;
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (token, r) in routing.iter().enumerate() {
             for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                rows[e].push(token as u32);
-                row_weights[e].push(w);
+                assigned[e].push((token, w));
             }
         }
-        let mut y = x.zeros_like()?;
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows[e].is_empty() {
-                continue;
-            }
-            let n = rows[e].len();
-            let index = Tensor::from_slice(&rows[e], n, x.device())?;
-            let weights = Tensor::from_slice(&row_weights[e], (n, 1), x.device())?.to_dtype(x.dtype())?;
-            let out = expert.forward(&x.index_select(&index, 0)?)?.broadcast_mul(&weights)?;
-            y = y.index_add(&index, &out, 0)?;
-        }
+        let active: Vec<usize> = (0..self.experts.len()).filter(|&e| !assigned[e].is_empty()).collect();
+        let gathered: Vec<Vec<f32>> = active
+            .iter()
+            .map(|&e| assigned[e].iter().flat_map(|&(t, _)| &xs[t * d..(t + 1) * d]).copied().collect())
+            .collect();
+        let mut mlps: Vec<&Mlp> = active.iter().map(|&e| &self.experts[e]).collect();
+        let mut inputs: Vec<&[f32]> = gathered.iter().map(Vec::as_slice).collect();
         if let Some(shared) = &self.shared {
-            y = (y + shared.forward(x)?)?;
+            mlps.push(shared);
+            inputs.push(&xs);
         }
-        Ok(y)
+        let outputs = forward_mlps(&mlps, &inputs);
+        let mut y = vec![0f32; tokens * d];
+        for (&e, out) in active.iter().zip(&outputs) {
+            for (&(t, w), row) in assigned[e].iter().zip(out.chunks_exact(d)) {
+                y[t * d..(t + 1) * d].iter_mut().zip(row).for_each(|(y, v)| *y += v * w);
+            }
+        }
+        if self.shared.is_some() {
+            let shared_out = outputs.last().expect("the shared experts ran last");
+            y.iter_mut().zip(shared_out).for_each(|(y, s)| *y += s);
+        }
+        Tensor::from_vec(y, (tokens, d), x.device())
+    }
+
+    /// Weight bytes one token reads: the router, the shared experts and `k` routed experts.
+    pub fn bytes_per_token(&self) -> u64 {
+        let k = self.router.cfg.num_experts_per_tok as u64;
+        let expert = self.experts.first().map_or(0, Mlp::weight_bytes);
+        4 * self.router.weight.elem_count() as u64 + self.shared.as_ref().map_or(0, Mlp::weight_bytes) + k * expert
+    }
+
+    /// Bytes of all weights held.
+    pub fn weight_bytes(&self) -> u64 {
+        4 * self.router.weight.elem_count() as u64
+            + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
+            + self.experts.iter().map(Mlp::weight_bytes).sum::<u64>()
     }
 }
 
@@ -199,6 +251,21 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
+    /// Weight bytes one decoded token reads.
+    pub fn bytes_per_token(&self) -> u64 {
+        match self {
+            FeedForward::Dense(m) => m.weight_bytes(),
+            FeedForward::Moe(m) => m.bytes_per_token(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        match self {
+            FeedForward::Dense(m) => m.weight_bytes(),
+            FeedForward::Moe(m) => m.weight_bytes(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             FeedForward::Dense(m) => m.forward(x),

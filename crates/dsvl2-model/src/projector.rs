@@ -30,6 +30,11 @@ impl Projector {
         Ok(Projector { layers, ratio })
     }
 
+    /// Bytes of all weights held.
+    pub fn weight_bytes(&self) -> u64 {
+        self.layers.iter().map(Linear::weight_bytes).sum()
+    }
+
     /// `features`: `[n, g*g, W]` -> `[n, ceil(g/r)^2, n_embed]`.
     pub fn forward(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         let (n, hw, c) = features.dims3()?;

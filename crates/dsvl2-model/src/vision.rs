@@ -5,7 +5,9 @@
 use candle_core::Tensor;
 use dsvl2_config::VisionConfig;
 
-use crate::linear::Linear;
+use dsvl2_kernels::Format;
+
+use crate::linear::{Activation, Linear};
 use crate::norm::LayerNorm;
 use crate::{ModelError, Weights};
 
@@ -37,10 +39,12 @@ impl VisionTower {
         let (width, p, grid) = (cfg.width, cfg.patch_size, cfg.grid_size());
         // The conv kernel [W, 3, p, p] is a Linear over flattened (channel, y, x) patches.
         let conv = w.get("vision.patch_embed.proj.weight", &[width, 3, p, p])?;
-        let patch_embed = Linear::from_weight(
-            conv.reshape((width, 3 * p * p))?,
-            Some(w.get("vision.patch_embed.proj.bias", &[width])?),
-        );
+        // Small (0.7 M weights) and run once per tile: kept in f32 whatever `--dtype` says.
+        let patch_embed = Linear::from_tensor(
+            &conv.reshape((width, 3 * p * p))?,
+            Some(&w.get("vision.patch_embed.proj.bias", &[width])?),
+            Format::F32,
+        )?;
         let pos_embed = w.get("vision.pos_embed", &[1, grid * grid, width])?.squeeze(0)?;
         let hidden = cfg.mlp_hidden();
         let blocks = (0..cfg.layers)
@@ -70,6 +74,17 @@ impl VisionTower {
         })
     }
 
+    /// Bytes of all weights held.
+    pub fn weight_bytes(&self) -> u64 {
+        let linears: u64 = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2])
+            .map(Linear::weight_bytes)
+            .sum();
+        linears + self.patch_embed.weight_bytes() + 4 * self.pos_embed.elem_count() as u64
+    }
+
     /// Tokens per tile (`grid * grid`, 729 for 384/14).
     pub fn tokens_per_tile(&self) -> usize {
         self.grid * self.grid
@@ -88,27 +103,29 @@ impl VisionTower {
         let mut x = self.patch_embed.forward(&patches)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
             x = (&x + self.attention(block, &block.norm1.forward(&x)?)?)?;
-            let h = block.fc1.forward(&block.norm2.forward(&x)?)?.gelu()?; // tanh approximation
+            let h = block.fc1.forward_then(&block.norm2.forward(&x)?, Activation::GeluTanh)?;
             x = (&x + block.fc2.forward(&h)?)?;
         }
         self.norm.forward(&x)
     }
 
-    /// Unmasked multi-head self-attention of each tile's tokens.
+    /// Unmasked multi-head self-attention of each tile's tokens. The qkv and output projections
+    /// run over all tiles at once; the scores are made one tile at a time, so at most
+    /// `heads x T x T` of them (34 MB at 729 tokens) exist at once, whatever the image count.
     fn attention(&self, block: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, t, _) = x.dims3()?;
         let hd = self.width / self.heads;
-        let qkv = block
-            .qkv
-            .forward(x)?
-            .reshape((n, t, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?; // [3, n, heads, t, hd]
-        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, t, self.width))?;
-        block.proj.forward(&out)
+        let qkv = block.qkv.forward(x)?.reshape((n, t, 3, self.heads, hd))?;
+        let tiles = (0..n)
+            .map(|tile| {
+                let qkv = qkv.get(tile)?.permute((1, 2, 0, 3))?; // [3, heads, t, hd]
+                let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
+                let k = qkv.get(1)?.contiguous()?;
+                let v = qkv.get(2)?.contiguous()?;
+                let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                probs.matmul(&v)?.transpose(0, 1)?.reshape((t, self.width))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        block.proj.forward(&Tensor::stack(&tiles, 0)?)
     }
 }

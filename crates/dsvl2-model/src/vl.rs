@@ -4,6 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use dsvl2_config::{ModelConfig, ModelDir};
 
+use dsvl2_kernels::Format;
+
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::vision::VisionTower;
@@ -32,6 +34,22 @@ pub struct DeepseekVl2 {
     device: Device,
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Storage of the linear layers' weights (`--dtype`); each layer gets the best format its
+    /// shape allows (see [`crate::storage_format`]). Activations are always f32.
+    pub weight_format: Format,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            weight_format: Format::F32,
+        }
+    }
+}
+
 /// The image-related inputs of one request, as the processor makes them.
 pub struct ImageInputs<'a> {
     /// `[n_tiles, 3, S, S]`, each image's global view followed by its local tiles.
@@ -53,7 +71,26 @@ impl DeepseekVl2 {
         dtype: DType,
         progress: Option<impl Fn(u64, u64) + 'static>,
     ) -> Result<Self, ModelError> {
-        let mut weights = Weights::open(&dir.weights, device, dtype)?;
+        Self::load_from(Weights::open(&dir.weights, device, dtype)?, dir, progress)
+    }
+
+    /// Loads with f32 activations and the weight storage of `options`, reporting (bytes loaded,
+    /// total bytes) after each tensor.
+    pub fn load_with_options(
+        dir: &ModelDir,
+        device: &Device,
+        options: &LoadOptions,
+        progress: Option<impl Fn(u64, u64) + 'static>,
+    ) -> Result<Self, ModelError> {
+        let weights = Weights::open(&dir.weights, device, DType::F32)?.with_format(options.weight_format);
+        Self::load_from(weights, dir, progress)
+    }
+
+    fn load_from(
+        mut weights: Weights,
+        dir: &ModelDir,
+        progress: Option<impl Fn(u64, u64) + 'static>,
+    ) -> Result<Self, ModelError> {
         if let Some(progress) = progress {
             weights = weights.with_progress(progress);
         }
@@ -74,6 +111,18 @@ impl DeepseekVl2 {
             config: config.clone(),
             device: w.device().clone(),
         })
+    }
+
+    /// Bytes of all weights held in memory, after conversion to their storage formats.
+    pub fn weight_bytes(&self) -> u64 {
+        let separators = (self.image_newline.elem_count() + self.view_separator.elem_count()) * 4;
+        self.vision.weight_bytes() + self.projector.weight_bytes() + self.language.weight_bytes() + separators as u64
+    }
+
+    /// Weight bytes one decode step of one sequence reads (see
+    /// [`LanguageModel::decode_bytes_per_token`]): the decode roofline's numerator.
+    pub fn decode_bytes_per_token(&self) -> u64 {
+        self.language.decode_bytes_per_token()
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -1,8 +1,10 @@
 //! Checkpoint tensors: safetensors files opened by mmap, looked up by their official names.
 //!
-//! Every lookup checks the shape, converts bf16/f16/f32 storage to the compute dtype, and records
-//! the name; [`Weights::finish`] then refuses a checkpoint with tensors nobody asked for, so a
-//! renamed or misplaced tensor is an error instead of a silently random layer.
+//! Every lookup checks the shape, converts the stored values (bf16/f16/f32, or a GGUF block
+//! format) to what the layer asks for, and records the name; [`Weights::finish`] then refuses a
+//! checkpoint with tensors nobody asked for, so a renamed or misplaced tensor is an error instead
+//! of a silently random layer. Linear weights are converted to the requested storage
+//! [`Format`] here, at load time, in parallel (see [`crate::storage`] for which tensor gets what).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,15 +13,28 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use dsvl2_config::WeightFiles;
+use dsvl2_kernels::{Format, PackedMatrix};
+use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::SafeTensors;
 
+use crate::storage::storage_format;
 use crate::ModelError;
+
+/// How a tensor's bytes are laid out in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Plain little-endian floats (safetensors F32/F16/BF16, GGUF F32/F16/BF16).
+    Float(Format),
+    /// A GGUF block format (q8_0, q4_k): served as is to linear layers, dequantized otherwise.
+    Blocks(Format),
+}
 
 /// Where one tensor lives.
 struct Entry {
     file: usize,
-    dtype: safetensors::Dtype,
+    stored: Stored,
     shape: Vec<usize>,
     /// Byte range inside the mmapped file.
     start: usize,
@@ -33,6 +48,8 @@ pub struct Weights {
     used: RefCell<BTreeSet<String>>,
     device: Device,
     dtype: DType,
+    /// The storage format asked for linear weights (`--dtype`).
+    format: Format,
     /// Called with (bytes loaded so far, total stored bytes) after each tensor.
     progress: Option<Box<dyn Fn(u64, u64)>>,
     loaded_bytes: Cell<u64>,
@@ -57,9 +74,20 @@ impl Weights {
             for (name, view) in st.tensors() {
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
+                let stored = match view.dtype() {
+                    safetensors::Dtype::F32 => Format::F32,
+                    safetensors::Dtype::F16 => Format::F16,
+                    safetensors::Dtype::BF16 => Format::Bf16,
+                    other => {
+                        return Err(ModelError::Weights {
+                            path: path.clone(),
+                            message: format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
+                        })
+                    }
+                };
                 let entry = Entry {
                     file: file_index,
-                    dtype: view.dtype(),
+                    stored: Stored::Float(stored),
                     shape: view.shape().to_vec(),
                     start,
                     end: start + data.len(),
@@ -101,6 +129,7 @@ impl Weights {
             used: RefCell::new(BTreeSet::new()),
             device: device.clone(),
             dtype,
+            format: Format::F32,
             progress: None,
             loaded_bytes: Cell::new(0),
             total_bytes: entries.values().map(|e| (e.end - e.start) as u64).sum(),
@@ -112,6 +141,27 @@ impl Weights {
     pub fn with_progress(mut self, progress: impl Fn(u64, u64) + 'static) -> Self {
         self.progress = Some(Box::new(progress));
         self
+    }
+
+    /// Stores linear weights in `format` (each in the best format its shape allows).
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The storage format requested for linear weights.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Names of all stored tensors, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// The stored shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
     pub fn device(&self) -> &Device {
@@ -128,6 +178,41 @@ impl Weights {
 
     /// The tensor `name`, which must have exactly `shape`, in the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let entry = self.checked_entry(name, shape)?;
+        let values = self.read_f32(name, entry)?;
+        self.report_progress(entry);
+        Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// The linear weight `name` (`[rows, cols]` = `[out, in]`) in the storage format
+    /// [`crate::storage_format`] picks for the requested format. A tensor already stored in a
+    /// block format (GGUF) is used as stored.
+    pub fn get_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<PackedMatrix, ModelError> {
+        let entry = self.checked_entry(name, &[rows, cols])?;
+        let matrix = match entry.stored {
+            Stored::Blocks(format) => PackedMatrix::from_bytes(format, rows, cols, self.bytes(entry)),
+            Stored::Float(_) => {
+                let format = storage_format(name, &entry.shape, self.format);
+                PackedMatrix::from_f32(format, rows, cols, &self.read_f32(name, entry)?)
+            }
+        };
+        let matrix = matrix.map_err(|e| ModelError::Weights {
+            path: self.files[entry.file].0.clone(),
+            message: format!("tensor `{name}`: {e}"),
+        })?;
+        self.report_progress(entry);
+        Ok(matrix)
+    }
+
+    /// All values of `name` as f32, row-major, whatever its shape and stored format.
+    pub fn get_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let entry = self.entry(name)?;
+        let values = self.read_f32(name, entry)?;
+        self.report_progress(entry);
+        Ok(values)
+    }
+
+    fn checked_entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, ModelError> {
         let entry = self.entry(name)?;
         if entry.shape != shape {
             return Err(ModelError::TensorShape {
@@ -136,7 +221,7 @@ impl Weights {
                 found: entry.shape.clone(),
             });
         }
-        self.load(name, entry)
+        Ok(entry)
     }
 
     fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
@@ -148,27 +233,46 @@ impl Weights {
         Ok(entry)
     }
 
-    fn load(&self, name: &str, entry: &Entry) -> Result<Tensor, ModelError> {
-        let (path, mmap) = &self.files[entry.file];
-        let bytes = &mmap[entry.start..entry.end];
-        let dtype = match entry.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(ModelError::Weights {
-                    path: path.clone(),
-                    message: format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
-                })
+    fn bytes(&self, entry: &Entry) -> &[u8] {
+        &self.files[entry.file].1[entry.start..entry.end]
+    }
+
+    /// Decodes a tensor to f32 (in parallel: checkpoints are gigabytes of bf16).
+    fn read_f32(&self, name: &str, entry: &Entry) -> Result<Vec<f32>, ModelError> {
+        let bytes = self.bytes(entry);
+        let elements: usize = entry.shape.iter().product();
+        let values = match entry.stored {
+            Stored::Float(format) => decode_floats(format, bytes),
+            Stored::Blocks(format) => {
+                let cols = entry.shape.last().copied().unwrap_or(1);
+                let rows = elements / cols.max(1);
+                let matrix = PackedMatrix::from_bytes(format, rows, cols, bytes).map_err(|e| ModelError::Weights {
+                    path: self.files[entry.file].0.clone(),
+                    message: format!("tensor `{name}`: {e}"),
+                })?;
+                let mut out = vec![0f32; elements];
+                matrix.dequantize_rows(0, rows, &mut out);
+                out
             }
         };
-        // from_raw_buffer copies out of the mmap (handling alignment); to_dtype widens in one pass.
-        let tensor = Tensor::from_raw_buffer(bytes, dtype, &entry.shape, &self.device)?.to_dtype(self.dtype)?;
+        if values.len() != elements {
+            return Err(ModelError::Weights {
+                path: self.files[entry.file].0.clone(),
+                message: format!(
+                    "tensor `{name}` holds {} values but its shape {:?} needs {elements}",
+                    values.len(),
+                    entry.shape
+                ),
+            });
+        }
+        Ok(values)
+    }
+
+    fn report_progress(&self, entry: &Entry) {
         if let Some(progress) = &self.progress {
-            self.loaded_bytes.set(self.loaded_bytes.get() + bytes.len() as u64);
+            self.loaded_bytes.set(self.loaded_bytes.get() + (entry.end - entry.start) as u64);
             progress(self.loaded_bytes.get(), self.total_bytes);
         }
-        Ok(tensor)
     }
 
     /// Marks every tensor under `prefix` as known and deliberately unused (e.g. the SigLIP pooling
@@ -198,6 +302,33 @@ impl Weights {
     pub fn stored_bytes(&self) -> u64 {
         self.total_bytes
     }
+}
+
+/// Little-endian f32/f16/bf16 bytes to f32, in parallel chunks.
+fn decode_floats(format: Format, bytes: &[u8]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let width = format.block_bytes();
+    let mut out = vec![0f32; bytes.len() / width];
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(out, bytes)| {
+            let values = bytes.chunks_exact(width);
+            match format {
+                Format::F16 => out
+                    .iter_mut()
+                    .zip(values)
+                    .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                Format::Bf16 => out
+                    .iter_mut()
+                    .zip(values)
+                    .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                _ => out
+                    .iter_mut()
+                    .zip(values)
+                    .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            }
+        });
+    out
 }
 
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {

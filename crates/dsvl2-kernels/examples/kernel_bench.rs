@@ -1,0 +1,221 @@
+//! Kernel throughput, side by side with candle. Run with
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick]`.
+//!
+//! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
+//! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
+//! last-level cache. All figures are medians of several repeats.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use dsvl2_kernels::{cpu_features, matmul_many, Format, MatmulJob, PackedMatrix};
+use rayon::prelude::*;
+
+const COLD_BYTES: usize = 1 << 30;
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5).collect()
+}
+
+/// Median wall time of `reps` calls (after one warm-up call).
+fn median_secs(reps: usize, mut f: impl FnMut(usize)) -> f64 {
+    f(usize::MAX);
+    let mut t: Vec<f64> = (0..reps)
+        .map(|i| {
+            let s = Instant::now();
+            f(i);
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// A `rows x cols` matrix: a 2048-row quantized tile repeated (the values do not affect speed).
+fn matrix(format: Format, rows: usize, cols: usize) -> PackedMatrix {
+    let tile_rows = rows.min(2048);
+    let tile = PackedMatrix::from_f32(format, tile_rows, cols, &data(tile_rows * cols, 7)).unwrap();
+    let mut bytes = Vec::with_capacity(format.bytes_for(rows, cols));
+    while bytes.len() < format.bytes_for(rows, cols) {
+        let need = format.bytes_for(rows, cols) - bytes.len();
+        bytes.extend_from_slice(&tile.as_bytes()[..need.min(tile.storage_bytes())]);
+    }
+    PackedMatrix::from_bytes(format, rows, cols, &bytes).unwrap()
+}
+
+/// Enough copies of `w` to exceed `COLD_BYTES` in total.
+fn cold_copies(w: PackedMatrix) -> Vec<PackedMatrix> {
+    let n = COLD_BYTES.div_ceil(w.storage_bytes()).max(2);
+    let mut v: Vec<PackedMatrix> = (1..n).map(|_| w.clone()).collect();
+    v.push(w);
+    v
+}
+
+/// Read bandwidth of the machine: sums a 1 GiB array on all rayon threads.
+fn memory_bandwidth() -> f64 {
+    let a: Vec<f32> = vec![1.0; COLD_BYTES / 4];
+    let t = median_secs(5, |_| {
+        black_box(a.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum::<f32>());
+    });
+    COLD_BYTES as f64 / t / 1e9
+}
+
+/// Peak f32 FMA throughput with 256-bit FMAs on all rayon threads (what gemm's AVX2 kernels can reach).
+#[cfg(target_arch = "x86_64")]
+fn fma_peak() -> Option<f64> {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run(iters: usize) -> f32 {
+        let mut acc = [_mm256_set1_ps(0.0); 12];
+        let a = _mm256_set1_ps(0.999_999);
+        let b = _mm256_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for v in acc {
+            s = _mm256_add_ps(s, v);
+        }
+        _mm_cvtss_f32(_mm256_castps256_ps128(s))
+    }
+    if !is_x86_feature_detected!("fma") {
+        return None;
+    }
+    let threads = rayon::current_num_threads();
+    let iters = 20_000_000;
+    let t = median_secs(3, |_| {
+        black_box((0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum::<f32>());
+    });
+    Some((threads * iters * 12 * 8 * 2) as f64 / t / 1e9)
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak() -> Option<f64> {
+    None
+}
+
+fn candle_matmul_secs(rows: usize, cols: usize, m: usize, cold: bool, reps: usize) -> f64 {
+    let copies = if cold { (COLD_BYTES / (rows * cols * 4)).max(2) } else { 1 };
+    let ws: Vec<Tensor> = (0..copies)
+        .map(|i| Tensor::from_vec(data(rows * cols, i as u32), (rows, cols), &Device::Cpu).unwrap())
+        .collect();
+    let x = Tensor::from_vec(data(m * cols, 3), (m, cols), &Device::Cpu).unwrap();
+    median_secs(reps, |i| {
+        black_box(x.matmul(&ws[i % copies].t().unwrap()).unwrap());
+    })
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let reps = if quick { 5 } else { 15 };
+    println!("dsvl2-kernels bench: kernels {}, {} rayon threads", cpu_features(), rayon::current_num_threads());
+    let bw = memory_bandwidth();
+    println!("memory read bandwidth (1 GiB sum, all threads): {bw:.1} GB/s");
+    let peak = fma_peak();
+    if let Some(p) = peak {
+        println!("f32 FMA peak (256-bit, all threads): {p:.0} GFLOP/s");
+    }
+
+    println!("\n== GEMV, cold weights (weight bytes / time) ==");
+    println!("{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10}", "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=8 GB/s", "m=8 µs");
+    for (name, rows, cols) in [("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)] {
+        for format in Format::all() {
+            let ws = cold_copies(matrix(format, rows, cols));
+            let bytes = ws[0].storage_bytes() as f64;
+            let mut res = Vec::new();
+            for m in [1, 8] {
+                let x = data(m * cols, 1);
+                let mut y = vec![0f32; m * rows];
+                let t = median_secs(reps.max(ws.len()), |i| ws[i % ws.len()].matmul(&x, m, &mut y));
+                res.push((bytes / t / 1e9, t * 1e6));
+            }
+            println!(
+                "{:<22} {:>6} {:>10.1} {:>10.2} {:>9.0} {:>10.1} {:>10.0}",
+                name, format.to_string(), res[0].0, res[0].0 / bw, res[0].1, res[1].0, res[1].1
+            );
+        }
+        for m in [1, 8] {
+            let t = candle_matmul_secs(rows, cols, m, true, reps);
+            println!("{:<22} {:>6} candle Tensor::matmul f32 m={m}: {:.1} GB/s, {:.0} µs", name, "f32", (rows * cols * 4) as f64 / t / 1e9, t * 1e6);
+        }
+    }
+
+    println!("\n== MoE decode: matmul_many over 6 / 16 q8_0 experts (gate+up 1280->896 and down 896->1280), m=1 ==");
+    for n_exp in [6, 16] {
+        let up: Vec<PackedMatrix> = (0..n_exp).map(|_| matrix(Format::Q8_0, 896, 1280)).collect();
+        let down: Vec<PackedMatrix> = (0..n_exp).map(|_| matrix(Format::Q8_0, 1280, 896)).collect();
+        let x = data(1280, 1);
+        let h = data(896, 2);
+        let mut ya: Vec<Vec<f32>> = (0..n_exp).map(|_| vec![0f32; 896]).collect();
+        let mut yb: Vec<Vec<f32>> = (0..n_exp).map(|_| vec![0f32; 1280]).collect();
+        let t_many = median_secs(reps * 4, |_| {
+            let mut jobs: Vec<MatmulJob> = up.iter().zip(ya.iter_mut()).map(|(weight, y)| MatmulJob { weight, x: &x, m: 1, y }).collect();
+            jobs.extend(down.iter().zip(yb.iter_mut()).map(|(weight, y)| MatmulJob { weight, x: &h, m: 1, y }));
+            matmul_many(&mut jobs);
+        });
+        let t_seq = median_secs(reps * 4, |_| {
+            for (w, y) in up.iter().zip(ya.iter_mut()) {
+                w.matmul(&x, 1, y);
+            }
+            for (w, y) in down.iter().zip(yb.iter_mut()) {
+                w.matmul(&h, 1, y);
+            }
+        });
+        let bytes = (up[0].storage_bytes() * 2 * n_exp) as f64;
+        println!(
+            "{n_exp:>2} experts: matmul_many {:.0} µs ({:.1} GB/s, L3-resident), separate matmul calls {:.0} µs",
+            t_many * 1e6,
+            bytes / t_many / 1e9,
+            t_seq * 1e6
+        );
+    }
+
+    println!("\n== GEMV vs gemm crossover, 1280->6848 (hot), µs ==");
+    print!("{:<6}", "format");
+    let ms = [1, 2, 4, 8, 12, 16, 24, 32];
+    for m in ms {
+        print!(" {:>13}", format!("m={m} gemv/gemm"));
+    }
+    println!();
+    for format in Format::all() {
+        let w = matrix(format, 6848, 1280);
+        print!("{:<6}", format.to_string());
+        for m in ms {
+            let x = data(m * 1280, 1);
+            let mut y = vec![0f32; m * 6848];
+            let a = median_secs(reps, |_| w.matmul_gemv(&x, m, &mut y));
+            let b = median_secs(reps, |_| w.matmul_gemm(&x, m, &mut y));
+            print!(" {:>13}", format!("{:.0}/{:.0}", a * 1e6, b * 1e6));
+        }
+        println!();
+    }
+
+    println!("\n== GEMM (GFLOP/s; `of peak` relative to the FMA peak above) ==");
+    println!("{:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "shape m,in->out", "f32", "f16", "bf16", "q8_0", "q4_k", "candle");
+    for (m, cols, rows) in [(3645, 1152, 4304), (729, 1152, 3456), (512, 1280, 6848), (256, 1280, 6848), (100, 1280, 896), (100, 896, 1280)] {
+        let flops = 2.0 * (m * rows * cols) as f64;
+        let x = data(m * cols, 1);
+        let mut y = vec![0f32; m * rows];
+        let r = if m > 1000 { reps.min(5) } else { reps };
+        print!("{:<22}", format!("{m},{cols}->{rows}"));
+        for format in Format::all() {
+            if !format.supports_cols(cols) {
+                print!(" {:>8}", "-");
+                continue;
+            }
+            let w = matrix(format, rows, cols);
+            let t = median_secs(r, |_| w.matmul(&x, m, &mut y));
+            print!(" {:>8.1}", flops / t / 1e9);
+        }
+        let t = candle_matmul_secs(rows, cols, m, false, r);
+        print!(" {:>8.1}", flops / t / 1e9);
+        if let Some(p) = peak {
+            let w = matrix(Format::F32, rows, cols);
+            let t = median_secs(r, |_| w.matmul(&x, m, &mut y));
+            print!("   (f32 = {:.2} of peak)", flops / t / 1e9 / p);
+        }
+        println!();
+    }
+}

@@ -1,0 +1,94 @@
+//! Large-`m` products (prefill, vision tower): compute-bound, so the work goes to the `gemm` crate's
+//! blocked f32 kernels. F32 weights are used in place; other formats are dequantized (in parallel,
+//! SIMD) into f32 panels of a few thousand rows that are multiplied one after the other. The panel
+//! buffer is kept per calling thread so repeated calls do not page-fault fresh memory.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::isa::Isa;
+use crate::PackedMatrix;
+
+/// f32 values per dequantized panel (16 MiB): large enough that gemm keeps its blocking efficient and
+/// the per-panel fork/join is negligible, small enough to stay cheap to keep around per thread.
+const PANEL_VALUES: usize = 4 << 20;
+
+thread_local! {
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `y[:, col0 .. col0 + n] = x[m, k] · wᵀ` where `w` is `n x k` row-major and `y` has row stride `ldy`.
+///
+/// # Safety
+/// `x` holds `m * k`, `w` holds `n * k` values and `y` holds `m * ldy` values with `col0 + n <= ldy`.
+unsafe fn gemm_f32(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32], col0: usize, ldy: usize) {
+    debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * ldy && col0 + n <= ldy);
+    // gemm computes dst[m x n] = lhs[m x k] · rhs[k x n] with arbitrary strides: rhs(kk, j) = w[j * k + kk].
+    gemm::gemm(
+        m,
+        n,
+        k,
+        y.as_mut_ptr().add(col0),
+        1,
+        ldy as isize,
+        false,
+        x.as_ptr(),
+        1,
+        k as isize,
+        w.as_ptr(),
+        k as isize,
+        1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism(),
+    )
+}
+
+pub(crate) fn gemm(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    if m == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    if let Some(wf) = w.f32_view() {
+        // SAFETY: the caller checked x.len() == m * cols and y.len() == m * rows.
+        unsafe { gemm_f32(m, rows, cols, x, wf, y, 0, rows) };
+        return;
+    }
+    let panel_rows = (PANEL_VALUES / cols).clamp(64, rows.max(64)).min(rows);
+    let mut run = |panel: &mut Vec<f32>| {
+        panel.resize(panel_rows * cols, 0.0);
+        for r0 in (0..rows).step_by(panel_rows) {
+            let n = panel_rows.min(rows - r0);
+            let buf = &mut panel[..n * cols];
+            // Dequantize in chunks of rows, in parallel.
+            let chunk_rows = n.div_ceil(rayon::current_num_threads() * 4).max(16);
+            buf.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(c, out)| {
+                let start = r0 + c * chunk_rows;
+                w.dequantize_rows_isa(isa, start, out.len() / cols, out);
+            });
+            // SAFETY: sizes as above; the panel covers output columns r0 .. r0 + n.
+            unsafe { gemm_f32(m, n, cols, x, buf, y, r0, rows) };
+        }
+    };
+    // A nested call on the same thread (rayon work stealing while this thread waits inside gemm) finds
+    // the buffer borrowed and uses a temporary one instead.
+    PANEL.with(|p| match p.try_borrow_mut() {
+        Ok(mut panel) => run(&mut panel),
+        Err(_) => run(&mut Vec::new()),
+    });
+}

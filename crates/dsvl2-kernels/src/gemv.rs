@@ -1,0 +1,120 @@
+//! Small-`m` products (decoding): each weight row is dequantized once into an L1-resident f32 buffer
+//! and dotted with all `m` activation rows while it is hot, so the weights stream from memory once
+//! per call whatever `m` is. Output rows are split across rayon tasks in chunks.
+
+use rayon::prelude::*;
+
+use crate::format::Format;
+use crate::isa::Isa;
+use crate::PackedMatrix;
+
+/// Largest `m` handled by the GEMV kernels; above it dequantized panels + gemm are faster.
+/// Chosen with `examples/kernel_bench.rs` (see README).
+pub(crate) fn max_m(format: Format) -> usize {
+    match format {
+        Format::F32 => 4,
+        _ => 8,
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its own weight rows), see `gemv_rows`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Rows per task: enough tasks for load balancing (work stealing evens out the rest), but each task
+/// streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small.
+fn rows_per_task(rows: usize, row_bytes: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let balance = rows.div_ceil(threads * 4);
+    let min_rows = (32 * 1024 / row_bytes.max(1)).max(1);
+    balance.clamp(min_rows, 256.max(min_rows)).min(rows).max(1)
+}
+
+/// Computes `y[i, r]` for all `i < m` and `r` in `rows` (`y` has row stride `w.rows()`).
+///
+/// # Safety
+/// `y` must point at an `m x w.rows()` buffer, and no other thread may touch these elements meanwhile.
+unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, rows: std::ops::Range<usize>, y: OutPtr) {
+    let cols = w.cols();
+    let f32_weights = w.f32_view();
+    let mut buf = vec![0f32; if f32_weights.is_some() { 0 } else { cols }];
+    let mut out = vec![0f32; m];
+    for r in rows {
+        let wrow: &[f32] = match f32_weights {
+            Some(all) => &all[r * cols..(r + 1) * cols],
+            None => {
+                isa.decode(w.format(), w.row_range_bytes(r, 1), &mut buf);
+                &buf
+            }
+        };
+        isa.dot_multi(wrow, x, cols, &mut out);
+        for (i, &v) in out.iter().enumerate() {
+            *y.0.add(i * w.rows() + r) = v;
+        }
+    }
+}
+
+pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+    if m == 0 || w.rows() == 0 {
+        return;
+    }
+    let chunk = rows_per_task(w.rows(), w.row_bytes());
+    let out = OutPtr(y.as_mut_ptr());
+    (0..w.rows().div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let r0 = c * chunk;
+        // SAFETY: y has m * rows elements (checked by the caller); tasks own disjoint row ranges.
+        unsafe { gemv_rows(isa, w, x, m, r0..(r0 + chunk).min(w.rows()), out) }
+    });
+}
+
+/// One product of a [`matmul_many`] batch: `y[m, weight.rows()] = x[m, weight.cols()] · weightᵀ`.
+pub struct MatmulJob<'a> {
+    pub weight: &'a PackedMatrix,
+    pub x: &'a [f32],
+    pub m: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Runs several independent products in one parallel dispatch (MoE decoding: all selected experts'
+/// projections at once). The tasks are (job, row chunk) pairs, so many small matrices keep every core
+/// busy without a fork/join per job. Jobs whose `m` is above the GEMV range run afterwards through
+/// [`PackedMatrix::matmul`].
+pub fn matmul_many(jobs: &mut [MatmulJob<'_>]) {
+    matmul_many_isa(Isa::detect(), jobs)
+}
+
+pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
+    struct Task<'a> {
+        w: &'a PackedMatrix,
+        x: &'a [f32],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        y: OutPtr,
+    }
+    let mut tasks = Vec::new();
+    for job in jobs.iter_mut() {
+        job.weight.check_matmul_args(job.x, job.m, job.y);
+        let w = job.weight;
+        if job.m == 0 || w.rows() == 0 || job.m > max_m(w.format()) {
+            continue;
+        }
+        let chunk = rows_per_task(w.rows(), w.row_bytes());
+        let y = OutPtr(job.y.as_mut_ptr());
+        for r0 in (0..w.rows()).step_by(chunk) {
+            tasks.push(Task { w, x: job.x, m: job.m, rows: r0..(r0 + chunk).min(w.rows()), y });
+        }
+    }
+    tasks.par_iter().for_each(|t| {
+        // SAFETY: each job's y was checked to hold m * rows values, jobs hold distinct &mut buffers and
+        // the chunks of one job are disjoint.
+        unsafe { gemv_rows(isa, t.w, t.x, t.m, t.rows.clone(), t.y) }
+    });
+    for job in jobs.iter_mut() {
+        if job.m > max_m(job.weight.format()) {
+            job.weight.matmul_isa(isa, job.x, job.m, job.y);
+        }
+    }
+}

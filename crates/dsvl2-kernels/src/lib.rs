@@ -1,0 +1,43 @@
+//! Weight storage formats and CPU matmul kernels for dsvl2's linear layers.
+//!
+//! * [`Format`]: f32, f16, bf16, q8_0 and q4_k, in ggml's byte layouts (GGUF-compatible).
+//! * [`PackedMatrix`]: a `[rows = out features, cols = in features]` weight in one format, with
+//!   [`PackedMatrix::matmul`] computing `y = x · Wᵀ`: GEMV kernels for decoding (weights streamed once
+//!   for all activation rows), dequantized panels + `gemm` for prefill.
+//! * [`matmul_many`]: several small products in one parallel dispatch (MoE experts).
+//!
+//! Kernels are chosen at run time: AVX2 + FMA + F16C on x86-64 when available, portable scalar code
+//! otherwise. See [`cpu_features`].
+
+mod format;
+mod gemm;
+mod gemv;
+mod isa;
+mod packed;
+mod quant;
+mod scalar;
+mod simd;
+#[cfg(test)]
+mod tests;
+
+pub use format::Format;
+pub use gemv::{matmul_many, MatmulJob};
+pub use packed::PackedMatrix;
+
+/// Errors from building a [`PackedMatrix`] or parsing a [`Format`].
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("format {format} stores rows in blocks of {block_len} values, but the matrix has {cols} columns")]
+    UnsupportedCols { format: Format, cols: usize, block_len: usize },
+    #[error("a {rows}x{cols} {format} matrix takes {expected} bytes, got {got}")]
+    ByteLength { format: Format, rows: usize, cols: usize, expected: usize, got: usize },
+    #[error("a {rows}x{cols} matrix has {expected} values, got {got}")]
+    DataLength { rows: usize, cols: usize, expected: usize, got: usize },
+    #[error("unknown weight format {name:?} (valid: {valid})")]
+    UnknownFormat { name: String, valid: String },
+}
+
+/// The kernel set in use on this CPU: `"avx2+fma+f16c"` or `"scalar"`.
+pub fn cpu_features() -> &'static str {
+    isa::Isa::detect().name()
+}

@@ -1,0 +1,188 @@
+//! [`PackedMatrix`]: a weight matrix in one of the storage formats, with 64-byte aligned storage.
+
+use rayon::prelude::*;
+
+use crate::format::Format;
+use crate::isa::Isa;
+use crate::{gemm, gemv, quant, KernelError};
+
+/// One cache line; the storage is a vector of these so that it starts 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+#[derive(Clone)]
+struct AlignedBytes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    fn zeroed(len: usize) -> Self {
+        AlignedBytes { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `lines` owns at least `len` initialised bytes and `Line` has no padding.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+/// A `rows x cols` weight matrix (rows = output features, cols = input features) stored row-major in
+/// `format`'s ggml layout.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    data: AlignedBytes,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl PackedMatrix {
+    fn check_cols(format: Format, cols: usize) -> Result<(), KernelError> {
+        if format.supports_cols(cols) {
+            Ok(())
+        } else {
+            Err(KernelError::UnsupportedCols { format, cols, block_len: format.block_len() })
+        }
+    }
+
+    /// Quantizes/converts a row-major f32 matrix `[rows, cols]`, in parallel over rows.
+    pub fn from_f32(format: Format, rows: usize, cols: usize, data: &[f32]) -> Result<Self, KernelError> {
+        Self::check_cols(format, cols)?;
+        if data.len() != rows * cols {
+            return Err(KernelError::DataLength { rows, cols, expected: rows * cols, got: data.len() });
+        }
+        let mut out = AlignedBytes::zeroed(format.bytes_for(rows, cols));
+        let row_bytes = format.bytes_for(1, cols);
+        if row_bytes > 0 {
+            // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
+            let per_task = (64 * 1024 / row_bytes).max(1);
+            out.as_mut_slice().par_chunks_mut(row_bytes * per_task).zip(data.par_chunks(cols * per_task)).for_each(
+                |(dst, src)| {
+                    for (d, s) in dst.chunks_exact_mut(row_bytes).zip(src.chunks_exact(cols)) {
+                        quant::quantize_row(format, s, d);
+                    }
+                },
+            );
+        }
+        Ok(PackedMatrix { format, rows, cols, data: out })
+    }
+
+    /// Wraps bytes already in `format`'s layout (e.g. a GGUF tensor); copies them into aligned storage.
+    pub fn from_bytes(format: Format, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+        Self::check_cols(format, cols)?;
+        let expected = format.bytes_for(rows, cols);
+        if bytes.len() != expected {
+            return Err(KernelError::ByteLength { format, rows, cols, expected, got: bytes.len() });
+        }
+        let mut out = AlignedBytes::zeroed(expected);
+        out.as_mut_slice().copy_from_slice(bytes);
+        Ok(PackedMatrix { format, rows, cols, data: out })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw bytes in `format`'s layout (what a GGUF writer stores).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len
+    }
+
+    /// Bytes of one row.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.format.bytes_for(1, self.cols)
+    }
+
+    /// The bytes of rows `[start, start + n)`.
+    pub(crate) fn row_range_bytes(&self, start: usize, n: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.as_bytes()[start * rb..(start + n) * rb]
+    }
+
+    /// The weights as f32 values without conversion, when they are stored as f32 in native byte order
+    /// (the storage is 64-byte aligned, so the cast is always aligned).
+    pub(crate) fn f32_view(&self) -> Option<&[f32]> {
+        if self.format == Format::F32 && cfg!(target_endian = "little") {
+            let b = self.as_bytes();
+            // SAFETY: aligned (see AlignedBytes), length is a multiple of 4, every bit pattern is an f32.
+            Some(unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) })
+        } else {
+            None
+        }
+    }
+
+    /// Writes rows `[start, start + n)` as f32 into `out` (`n * cols` values).
+    pub fn dequantize_rows(&self, start: usize, n: usize, out: &mut [f32]) {
+        self.dequantize_rows_isa(Isa::detect(), start, n, out)
+    }
+
+    pub(crate) fn dequantize_rows_isa(&self, isa: Isa, start: usize, n: usize, out: &mut [f32]) {
+        assert!(start + n <= self.rows, "dequantize_rows: rows {start}..{} of a {}-row matrix", start + n, self.rows);
+        assert_eq!(out.len(), n * self.cols, "dequantize_rows: output length must be n * cols");
+        isa.decode(self.format, self.row_range_bytes(start, n), out);
+    }
+
+    /// `y[m, rows] = x[m, cols] · Wᵀ` (row-major, contiguous). Uses the GEMV kernels for small `m`
+    /// (decode) and dequantized panels + `gemm` for large `m` (prefill); multi-threaded on rayon's global
+    /// pool.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.matmul_isa(Isa::detect(), x, m, y)
+    }
+
+    pub(crate) fn matmul_isa(&self, isa: Isa, x: &[f32], m: usize, y: &mut [f32]) {
+        self.check_matmul_args(x, m, y);
+        if m <= gemv::max_m(self.format) {
+            gemv::gemv(isa, self, x, m, y)
+        } else {
+            gemm::gemm(isa, self, x, m, y)
+        }
+    }
+
+    pub(crate) fn check_matmul_args(&self, x: &[f32], m: usize, y: &[f32]) {
+        assert_eq!(x.len(), m * self.cols, "matmul: x has {} values, expected m * cols = {m} * {}", x.len(), self.cols);
+        assert_eq!(y.len(), m * self.rows, "matmul: y has {} values, expected m * rows = {m} * {}", y.len(), self.rows);
+    }
+
+    /// Forces the GEMV kernels whatever `m` is (benchmarks and tests).
+    #[doc(hidden)]
+    pub fn matmul_gemv(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.check_matmul_args(x, m, y);
+        gemv::gemv(Isa::detect(), self, x, m, y)
+    }
+
+    /// Forces the dequantize + gemm path whatever `m` is (benchmarks and tests).
+    #[doc(hidden)]
+    pub fn matmul_gemm(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.check_matmul_args(x, m, y);
+        gemm::gemm(Isa::detect(), self, x, m, y)
+    }
+}

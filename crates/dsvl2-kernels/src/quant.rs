@@ -1,0 +1,217 @@
+//! Conversion of f32 rows into the storage formats. These are the ggml reference quantizers
+//! (`quantize_row_q8_0_ref`, `quantize_row_q4_K_ref` with `make_qkx2_quants`), ported line by line so
+//! the bytes match what llama.cpp's `quantize` produces without an importance matrix. They run once at
+//! load time, so they are plain scalar code; `PackedMatrix::from_f32` parallelises them over rows.
+
+use half::{bf16, f16};
+
+use crate::format::{Format, QK8_0, QK_K, Q4K_BYTES, Q8_0_BYTES};
+
+/// Quantizes one row (`src.len()` a multiple of the block length) into `dst` (its exact byte size).
+pub(crate) fn quantize_row(format: Format, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), format.bytes_for(1, src.len()));
+    match format {
+        Format::F32 => {
+            for (d, &x) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        Format::F16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&f16::from_f32(x).to_le_bytes());
+            }
+        }
+        // half's conversion rounds to nearest even and keeps NaNs quiet, as torch's `.to(torch.bfloat16)` does.
+        Format::Bf16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
+            }
+        }
+        Format::Q8_0 => {
+            for (d, x) in dst.chunks_exact_mut(Q8_0_BYTES).zip(src.chunks_exact(QK8_0)) {
+                quantize_block_q8_0(x, d);
+            }
+        }
+        Format::Q4K => {
+            for (d, x) in dst.chunks_exact_mut(Q4K_BYTES).zip(src.chunks_exact(QK_K)) {
+                quantize_block_q4k(x, d);
+            }
+        }
+    }
+}
+
+/// ggml `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d) (half away from zero, like C `roundf`).
+fn quantize_block_q8_0(x: &[f32], out: &mut [u8]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (q, &v) in out[2..].iter_mut().zip(x) {
+        *q = ((v * id).round() as i8) as u8;
+    }
+}
+
+/// ggml's `nearest_int`: the float-add magic number trick, i.e. round half to even.
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    debug_assert!(v.abs() <= 4194303.0);
+    let val = v + 12582912.0;
+    (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` from the packed 12 bytes.
+#[inline]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// ggml `make_qkx2_quants` with `use_mad = false`: searches scale/min of an asymmetric `nmax`-level
+/// quantization of `x` minimising the weighted squared error. Returns (scale, -min).
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    laux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l[..n].fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = li as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = li as u8;
+            let w = weights[i];
+            let lf = li as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml `quantize_row_q4_K_ref` for one super-block of 256.
+fn quantize_block_q4k(x: &[f32], out: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 32];
+    let mut weights = [0f32; 32];
+    let mut mins = [0f32; QK_K / 32];
+    let mut scales = [0f32; QK_K / 32];
+    let mut max_scale = 0f32;
+    let mut max_min = 0f32;
+    for j in 0..QK_K / 32 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        (scales[j], mins[j]) = make_qkx2_quants(15, xs, &weights, &mut l[32 * j..32 * j + 32], &mut laux, -1.0, 0.1, 20);
+        max_scale = max_scale.max(scales[j]);
+        max_min = max_min.max(mins[j]);
+    }
+
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..QK_K / 32 {
+        // ggml stores nearest_int into a uint8_t before clamping; the values are non-negative and < 256.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    for j in 0..QK_K / 32 {
+        let (sc, m) = scale_min_k4(j, &packed);
+        let dd = d.to_f32() * sc as f32;
+        // As in ggml, a zero scale keeps the levels make_qkx2_quants chose (they dequantize to -dmin*m).
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, 15) as u8;
+        }
+    }
+
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    out[2..4].copy_from_slice(&dmin.to_le_bytes());
+    out[4..16].copy_from_slice(&packed);
+    let qs = &mut out[16..];
+    for (c, j) in (0..QK_K).step_by(64).enumerate() {
+        for i in 0..32 {
+            qs[32 * c + i] = l[j + i] | (l[j + i + 32] << 4);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Unit tests. Oracles: candle's ggml ports (dequantization, q8_0 quantization), `half` (f16/bf16) and
+//! an f64 reference product on the dequantized weights.
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+use half::{bf16, f16};
+
+use crate::isa::Isa;
+use crate::{gemm, gemv, matmul_many, Format, KernelError, MatmulJob, PackedMatrix};
+
+/// Deterministic pseudo-random data (xorshift64*), roughly Gaussian (sum of 4 uniforms), with a few
+/// outliers and some all-zero / constant blocks so the quantizers' edge cases are exercised.
+fn test_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut v: Vec<f32> = (0..n).map(|_| (uniform() + uniform() + uniform() + uniform() - 2.0) * 1.7).collect();
+    for (i, x) in v.iter_mut().enumerate() {
+        if i % 997 == 13 {
+            *x *= 40.0; // outlier
+        }
+    }
+    if n >= 2048 {
+        v[256..512].fill(0.0); // an all-zero q4_k super-block
+        v[512..544].fill(0.25); // a constant q8_0 block / q4_k sub-block
+    }
+    v
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    if Isa::detect() != Isa::Scalar {
+        v.push(Isa::detect());
+    }
+    v
+}
+
+fn candle_blocks<T: GgmlType>(bytes: &[u8]) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    assert_eq!(bytes.len() % size, 0);
+    let mut blocks = vec![T::zeros(); bytes.len() / size];
+    // SAFETY: candle's blocks are repr(C) plain data of exactly ggml's layout (size asserted by candle).
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len()) };
+    blocks
+}
+
+fn candle_bytes<T: GgmlType>(blocks: &[T]) -> Vec<u8> {
+    let len = std::mem::size_of_val(blocks);
+    // SAFETY: as above; reading the blocks as bytes.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, len) }.to_vec()
+}
+
+fn dequantize_all(w: &PackedMatrix, isa: Isa) -> Vec<f32> {
+    let mut out = vec![f32::NAN; w.rows() * w.cols()];
+    w.dequantize_rows_isa(isa, 0, w.rows(), &mut out);
+    out
+}
+
+#[test]
+fn format_metadata() {
+    let expect = [
+        (Format::F32, "f32", 1, 4, 0),
+        (Format::F16, "f16", 1, 2, 1),
+        (Format::Bf16, "bf16", 1, 2, 30),
+        (Format::Q8_0, "q8_0", 32, 34, 8),
+        (Format::Q4K, "q4_k", 256, 144, 12),
+    ];
+    for (f, name, bl, bb, ty) in expect {
+        assert_eq!((f.to_string().as_str(), f.block_len(), f.block_bytes(), f.ggml_type()), (name, bl, bb, ty));
+        assert_eq!(Format::from_ggml_type(ty), Some(f));
+        assert_eq!(name.parse::<Format>().unwrap(), f);
+        assert_eq!(name.to_uppercase().parse::<Format>().unwrap(), f);
+        assert!(f.supports_cols(bl * 3) && (bl == 1 || !f.supports_cols(bl * 3 + 1)));
+        assert_eq!(f.bytes_for(5, bl * 4), 5 * 4 * bb);
+    }
+    assert_eq!(Format::from_ggml_type(2), None);
+    let err = "q4_0".parse::<Format>().unwrap_err().to_string();
+    assert!(err.contains("q4_0") && err.contains("f32, f16, bf16, q8_0, q4_k"), "{err}");
+}
+
+#[test]
+fn candle_block_layouts_match() {
+    assert_eq!(std::mem::size_of::<BlockQ8_0>(), Format::Q8_0.block_bytes());
+    assert_eq!(std::mem::size_of::<BlockQ4K>(), Format::Q4K.block_bytes());
+}
+
+#[test]
+fn f16_bf16_match_half() {
+    let (rows, cols) = (7, 333);
+    let data = test_data(rows * cols, 1);
+    let data: Vec<f32> = data.iter().enumerate().map(|(i, &x)| if i % 50 == 0 { x * 1e6 } else { x }).collect();
+    for isa in isas() {
+        let h = dequantize_all(&PackedMatrix::from_f32(Format::F16, rows, cols, &data).unwrap(), isa);
+        let b = dequantize_all(&PackedMatrix::from_f32(Format::Bf16, rows, cols, &data).unwrap(), isa);
+        for i in 0..data.len() {
+            assert_eq!(h[i].to_bits(), f16::from_f32(data[i]).to_f32().to_bits(), "f16 {isa:?} at {i}");
+            assert_eq!(b[i].to_bits(), bf16::from_f32(data[i]).to_f32().to_bits(), "bf16 {isa:?} at {i}");
+        }
+        let f = dequantize_all(&PackedMatrix::from_f32(Format::F32, rows, cols, &data).unwrap(), isa);
+        assert_eq!(f, data);
+    }
+}
+
+#[test]
+fn q8_0_matches_candle_bit_for_bit() {
+    let (rows, cols) = (9, 2048);
+    let data = test_data(rows * cols, 2);
+    let w = PackedMatrix::from_f32(Format::Q8_0, rows, cols, &data).unwrap();
+    let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / 32];
+    BlockQ8_0::from_float(&data, &mut blocks);
+    assert!(w.as_bytes() == candle_bytes(&blocks).as_slice(), "q8_0 bytes differ from candle's quantizer");
+    let mut expect = vec![0f32; rows * cols];
+    BlockQ8_0::to_float(&blocks, &mut expect);
+    for isa in isas() {
+        let got = dequantize_all(&w, isa);
+        assert!(got.iter().zip(&expect).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?}");
+    }
+}
+
+#[test]
+fn q4k_dequantizes_like_candle_and_quantizes_at_least_as_well() {
+    let (rows, cols) = (6, 2048);
+    let data = test_data(rows * cols, 3);
+    let w = PackedMatrix::from_f32(Format::Q4K, rows, cols, &data).unwrap();
+    // Dequantization: candle's port of ggml's dequantize_row_q4_K on our bytes, bit for bit.
+    let mut expect = vec![0f32; rows * cols];
+    BlockQ4K::to_float(&candle_blocks::<BlockQ4K>(w.as_bytes()), &mut expect);
+    for isa in isas() {
+        let got = dequantize_all(&w, isa);
+        assert!(got.iter().zip(&expect).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?}");
+    }
+    // Quantization: ours is ggml's current make_qkx2_quants search; candle 0.11 still ships the older
+    // make_qkx1_quants, so the bytes differ but our reconstruction error must not be worse.
+    let mut blocks = vec![BlockQ4K::zeros(); rows * cols / 256];
+    BlockQ4K::from_float(&data, &mut blocks);
+    let mut theirs = vec![0f32; rows * cols];
+    BlockQ4K::to_float(&blocks, &mut theirs);
+    let sq = |r: &[f32]| r.iter().zip(&data).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+    let (ours, cand) = (sq(&expect), sq(&theirs));
+    let signal = data.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+    eprintln!("q4_k relative squared error: ours {:e}, candle {:e}", ours / signal, cand / signal);
+    assert!(ours <= cand, "q4_k error {ours} worse than candle's {cand}");
+    assert!(ours / signal < 0.006, "q4_k relative squared error {}", ours / signal);
+    // The all-zero super-block must come back as zeros.
+    assert!(expect[256..512].iter().all(|&v| v == 0.0));
+}
+
+/// Max over outputs of |y - ref| / Σ|w·x| (the scale at which f32 rounding errors live; plain relative
+/// error is meaningless for outputs that cancel to ~0).
+fn max_rel_err(w: &PackedMatrix, x: &[f32], m: usize, y: &[f32]) -> f64 {
+    let wd = dequantize_all(w, Isa::Scalar);
+    let (rows, cols) = (w.rows(), w.cols());
+    let mut worst = 0f64;
+    for i in 0..m {
+        for r in 0..rows {
+            let (mut dot, mut mag) = (0f64, 0f64);
+            for k in 0..cols {
+                let p = wd[r * cols + k] as f64 * x[i * cols + k] as f64;
+                dot += p;
+                mag += p.abs();
+            }
+            let e = (y[i * rows + r] as f64 - dot).abs() / mag.max(1e-30);
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+/// Σ_k |w[r,k] · x[i,k]| for every output `[i, r]`.
+fn magnitudes(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f64> {
+    let wd = dequantize_all(w, Isa::Scalar);
+    let (rows, cols) = (w.rows(), w.cols());
+    let mut out = vec![0f64; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            out[i * rows + r] = (0..cols).map(|k| (wd[r * cols + k] as f64 * x[i * cols + k] as f64).abs()).sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul_matches_f64_reference() {
+    // Measured worst case over all cases below: ~2e-7 (GEMV and gemm, both ISAs). The bound keeps a
+    // 20x margin; it is far below any quantization error, which the reference (dequantized weights)
+    // excludes on purpose.
+    const TOL: f64 = 4e-6;
+    let mut worst = 0f64;
+    for format in Format::all() {
+        let cols = match format {
+            Format::Q4K => 512,
+            Format::Q8_0 => 160,
+            _ => 77, // not a multiple of 8: exercises the SIMD tails
+        };
+        for rows in [37, 300] {
+            let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 10 + rows as u64)).unwrap();
+            for m in [1, 2, 3, 5, 8, 17, 300] {
+                let x = test_data(m * cols, 100 + m as u64);
+                for isa in isas() {
+                    let mut y = vec![f32::NAN; m * rows];
+                    w.matmul_isa(isa, &x, m, &mut y);
+                    let e = max_rel_err(&w, &x, m, &y);
+                    assert!(e < TOL, "{format} {rows}x{cols} m={m} {isa:?}: rel err {e:e}");
+                    worst = worst.max(e);
+                }
+            }
+        }
+    }
+    eprintln!("matmul worst relative error: {worst:e}");
+}
+
+#[test]
+fn gemv_and_gemm_paths_agree_for_every_m() {
+    for format in Format::all() {
+        let (rows, cols) = (70, 512);
+        let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 20)).unwrap();
+        for m in [1, 4, 9, 33] {
+            let x = test_data(m * cols, 21);
+            let mut a = vec![0f32; m * rows];
+            let mut b = vec![0f32; m * rows];
+            gemv::gemv(Isa::detect(), &w, &x, m, &mut a);
+            gemm::gemm(Isa::detect(), &w, &x, m, &mut b);
+            let e = max_rel_err(&w, &x, m, &a).max(max_rel_err(&w, &x, m, &b));
+            assert!(e < 4e-6, "{format} m={m}: {e:e}");
+        }
+    }
+}
+
+#[test]
+fn simd_and_scalar_agree() {
+    if Isa::detect() == Isa::Scalar {
+        return; // nothing to compare on this CPU
+    }
+    for format in Format::all() {
+        let (rows, cols) = (45, 768);
+        let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 30)).unwrap();
+        let simd = dequantize_all(&w, Isa::detect());
+        let scalar = dequantize_all(&w, Isa::Scalar);
+        assert!(simd.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()), "{format} dequantization");
+        for m in [1, 3, 8, 20] {
+            let x = test_data(m * cols, 31);
+            let mut a = vec![0f32; m * rows];
+            let mut b = vec![0f32; m * rows];
+            w.matmul_isa(Isa::detect(), &x, m, &mut a);
+            w.matmul_isa(Isa::Scalar, &x, m, &mut b);
+            // Both are f32 sums in different orders: compare on the scale of Σ|w·x| (see max_rel_err).
+            let mag = magnitudes(&w, &x, m);
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!((p - q).abs() as f64 <= 4e-6 * mag[i], "{format} m={m} at {i}: {p} vs {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_many_equals_separate_calls() {
+    let weights: Vec<PackedMatrix> = (0..6)
+        .map(|j| {
+            let (rows, cols) = if j % 2 == 0 { (96, 128) } else { (128, 96) };
+            let format = [Format::Q8_0, Format::F16, Format::F32][j % 3];
+            PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 40 + j as u64)).unwrap()
+        })
+        .collect();
+    let ms = [1, 2, 1, 8, 3, 40]; // the last one takes the gemm path
+    let xs: Vec<Vec<f32>> = weights.iter().zip(ms).map(|(w, m)| test_data(m * w.cols(), 50 + m as u64)).collect();
+    let mut ys: Vec<Vec<f32>> = weights.iter().zip(ms).map(|(w, m)| vec![f32::NAN; m * w.rows()]).collect();
+    let mut jobs: Vec<MatmulJob> = weights
+        .iter()
+        .zip(&xs)
+        .zip(ms)
+        .zip(ys.iter_mut())
+        .map(|(((weight, x), m), y)| MatmulJob { weight, x, m, y })
+        .collect();
+    matmul_many(&mut jobs);
+    for ((w, x), (m, y)) in weights.iter().zip(&xs).zip(ms.iter().zip(&ys)) {
+        let mut expect = vec![0f32; m * w.rows()];
+        w.matmul(x, *m, &mut expect);
+        assert!(expect.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let e = PackedMatrix::from_f32(Format::Q4K, 2, 300, &vec![0.0; 600]).unwrap_err();
+    assert!(matches!(e, KernelError::UnsupportedCols { .. }));
+    assert!(e.to_string().contains("q4_k") && e.to_string().contains("256") && e.to_string().contains("300"), "{e}");
+    let e = PackedMatrix::from_f32(Format::F16, 2, 3, &[0.0; 5]).unwrap_err();
+    assert!(matches!(e, KernelError::DataLength { expected: 6, got: 5, .. }), "{e}");
+    let e = PackedMatrix::from_bytes(Format::Q8_0, 2, 64, &[0u8; 135]).unwrap_err();
+    assert!(matches!(e, KernelError::ByteLength { expected: 136, got: 135, .. }), "{e}");
+    assert!(e.to_string().contains("136") && e.to_string().contains("135"), "{e}");
+    assert!(PackedMatrix::from_bytes(Format::Q8_0, 2, 40, &[0u8; 0]).is_err());
+}
+
+#[test]
+fn from_bytes_round_trips() {
+    let data = test_data(4 * 256, 60);
+    let w = PackedMatrix::from_f32(Format::Q4K, 4, 256, &data).unwrap();
+    let v = PackedMatrix::from_bytes(Format::Q4K, 4, 256, w.as_bytes()).unwrap();
+    assert_eq!(v.as_bytes(), w.as_bytes());
+    assert_eq!((v.rows(), v.cols(), v.format(), v.storage_bytes()), (4, 256, Format::Q4K, 4 * 144));
+    assert_eq!(v.as_bytes().as_ptr() as usize % 64, 0);
+    let mut part = vec![0f32; 2 * 256];
+    v.dequantize_rows(1, 2, &mut part);
+    assert_eq!(part, dequantize_all(&w, Isa::Scalar)[256..768]);
+}
+
+#[test]
+#[should_panic(expected = "matmul: y has")]
+fn matmul_checks_lengths() {
+    let w = PackedMatrix::from_f32(Format::F32, 3, 4, &[0.0; 12]).unwrap();
+    w.matmul(&[0.0; 8], 2, &mut [0.0; 5]);
+}
+
+#[test]
+fn empty_shapes() {
+    let w = PackedMatrix::from_f32(Format::Q8_0, 0, 64, &[]).unwrap();
+    w.matmul(&[0.0; 64], 1, &mut []);
+    let w = PackedMatrix::from_f32(Format::F32, 3, 8, &[1.0; 24]).unwrap();
+    w.matmul(&[], 0, &mut []);
+    assert!(!crate::cpu_features().is_empty());
+}

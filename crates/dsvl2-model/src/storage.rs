@@ -1,0 +1,67 @@
+//! Which storage format each checkpoint tensor gets for a requested `--dtype`. One rule, used both
+//! when loading (quantizing at load time) and by `dsvl2 quantize` (writing a GGUF), so a GGUF
+//! holds exactly what the loader would have made.
+
+use dsvl2_kernels::Format;
+
+/// Float tensors with at least this many elements are stored as f16 when a compact format is
+/// requested (the token embedding: only one row per token is ever read, so f16 halves its memory
+/// for free). Smaller ones (norms, biases, position embeddings) stay f32.
+const LARGE_FLOAT_TENSOR: usize = 1 << 20;
+
+/// Linear-layer weights `[out, in]`: every 2-D `*.weight` except the token embedding (a lookup
+/// table) and the MoE routers (`mlp.gate`), which stay f32 so routing matches the reference.
+pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && name.ends_with(".weight")
+        && !name.ends_with("embed_tokens.weight")
+        && !name.ends_with(".mlp.gate.weight")
+}
+
+/// The format a linear weight with `cols` inputs gets: the requested one if its blocks divide the
+/// rows, else the next best that does (q4_k needs multiples of 256, q8_0 of 32; e.g. SigLIP's
+/// fc2 has 4304 inputs and the MoE down projections 896 or 1408).
+pub fn linear_format(requested: Format, cols: usize) -> Format {
+    [requested, Format::Q8_0, Format::F16]
+        .into_iter()
+        .find(|f| f.supports_cols(cols))
+        .expect("f16 supports every width")
+}
+
+/// The format tensor `name` of `shape` is stored in when `requested` is asked for.
+pub fn storage_format(name: &str, shape: &[usize], requested: Format) -> Format {
+    if is_linear_weight(name, shape) {
+        return linear_format(requested, shape[1]);
+    }
+    let elements: usize = shape.iter().product();
+    if requested != Format::F32 && elements >= LARGE_FLOAT_TENSOR {
+        Format::F16
+    } else {
+        Format::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_weights_fall_back_to_a_format_their_width_allows() {
+        let name = "language.model.layers.1.mlp.experts.0.down_proj.weight";
+        assert_eq!(storage_format(name, &[1280, 896], Format::Q4K), Format::Q8_0);
+        assert_eq!(storage_format(name, &[1280, 1024], Format::Q4K), Format::Q4K);
+        assert_eq!(storage_format("vision.blocks.0.mlp.fc2.weight", &[1152, 4304], Format::Q8_0), Format::F16);
+        assert_eq!(storage_format(name, &[1280, 896], Format::Bf16), Format::Bf16);
+    }
+
+    #[test]
+    fn routers_norms_and_embeddings_stay_float() {
+        let router = "language.model.layers.1.mlp.gate.weight";
+        assert_eq!(storage_format(router, &[64, 1280], Format::Q4K), Format::F32);
+        let norm = "language.model.norm.weight";
+        assert_eq!(storage_format(norm, &[1280], Format::Q4K), Format::F32);
+        let embed = "language.model.embed_tokens.weight";
+        assert_eq!(storage_format(embed, &[129280, 1280], Format::Q4K), Format::F16);
+        assert_eq!(storage_format(embed, &[129280, 1280], Format::F32), Format::F32);
+    }
+}
