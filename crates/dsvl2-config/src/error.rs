@@ -28,6 +28,11 @@ pub enum ConfigError {
 
     #[error("{}: missing {what}", dir.display())]
     MissingFile { dir: PathBuf, what: String },
+
+    /// A GGUF file that cannot be read: bad magic, unsupported version, truncated, a tensor past
+    /// the end of the file, an unsupported ggml type.
+    #[error("{}: {message}", path.display())]
+    Gguf { path: PathBuf, message: String },
 }
 
 impl ConfigError {

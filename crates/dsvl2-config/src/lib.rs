@@ -5,19 +5,23 @@
 //!   guess about.
 //! * [`ProcessorConfig`]: `processor_config.json` (tiling resolutions, normalisation, special strings).
 //! * [`ModelDir`]: finds the config files, the tokenizer and the weight files (one
-//!   `model.safetensors` or the shards named by `model.safetensors.index.json`).
+//!   `model.safetensors` or the shards named by `model.safetensors.index.json`), or reads all of
+//!   them from one GGUF file.
+//! * [`gguf`]: the GGUF container: a header reader and a streaming writer.
 //!
 //! Every error names the file and, where there is one, the key.
 
 mod error;
+pub mod gguf;
 mod language;
 mod model_dir;
 mod processor;
 mod vl;
 
 pub use error::ConfigError;
+pub use gguf::{GgufFile, GgufTensorInfo, GgufValue, GgufWriter};
 pub use language::{LanguageConfig, MoeConfig, RopeScaling, ScoringFunc, TopkMethod};
-pub use model_dir::{ModelDir, TokenizerFiles, WeightFiles};
+pub use model_dir::{ModelDir, TokenizerFiles, TokenizerSource, WeightFiles};
 
 /// The file names of the official layout.
 pub mod files {

@@ -15,7 +15,9 @@ use rayon::prelude::*;
 const COLD_BYTES: usize = 1 << 30;
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5).collect()
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5)
+        .collect()
 }
 
 /// Median wall time of `reps` calls (after one warm-up call).
@@ -52,13 +54,24 @@ fn cold_copies(w: PackedMatrix) -> Vec<PackedMatrix> {
     v
 }
 
-/// Read bandwidth of the machine: sums a 1 GiB array on all rayon threads.
+/// Read bandwidth of the machine: sums a 1 GiB array of integers (vectorised, so memory-bound) on all
+/// rayon threads.
 fn memory_bandwidth() -> f64 {
-    let a: Vec<f32> = vec![1.0; COLD_BYTES / 4];
+    let a: Vec<u32> = (0..COLD_BYTES / 4).map(|i| i as u32).collect();
     let t = median_secs(5, |_| {
-        black_box(a.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum::<f32>());
+        black_box(
+            a.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u32, |s, &v| s.wrapping_add(v)))
+                .reduce(|| 0, u32::wrapping_add),
+        );
     });
     COLD_BYTES as f64 / t / 1e9
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Peak f32 FMA throughput with 256-bit FMAs on all rayon threads (what gemm's AVX2 kernels can reach).
@@ -97,7 +110,11 @@ fn fma_peak() -> Option<f64> {
 }
 
 fn candle_matmul_secs(rows: usize, cols: usize, m: usize, cold: bool, reps: usize) -> f64 {
-    let copies = if cold { (COLD_BYTES / (rows * cols * 4)).max(2) } else { 1 };
+    let copies = if cold {
+        (COLD_BYTES / (rows * cols * 4)).max(2)
+    } else {
+        1
+    };
     let ws: Vec<Tensor> = (0..copies)
         .map(|i| Tensor::from_vec(data(rows * cols, i as u32), (rows, cols), &Device::Cpu).unwrap())
         .collect();
@@ -110,7 +127,12 @@ fn candle_matmul_secs(rows: usize, cols: usize, m: usize, cold: bool, reps: usiz
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
-    println!("dsvl2-kernels bench: kernels {}, {} rayon threads", cpu_features(), rayon::current_num_threads());
+    println!(
+        "dsvl2-kernels bench: kernels {}, {} rayon threads",
+        cpu_features(),
+        rayon::current_num_threads()
+    );
+    println!("load average at start: {}", load_average());
     let bw = memory_bandwidth();
     println!("memory read bandwidth (1 GiB sum, all threads): {bw:.1} GB/s");
     let peak = fma_peak();
@@ -119,7 +141,10 @@ fn main() {
     }
 
     println!("\n== GEMV, cold weights (weight bytes / time) ==");
-    println!("{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10}", "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=8 GB/s", "m=8 µs");
+    println!(
+        "{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=8 GB/s", "m=8 µs"
+    );
     for (name, rows, cols) in [("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)] {
         for format in Format::all() {
             let ws = cold_copies(matrix(format, rows, cols));
@@ -133,12 +158,24 @@ fn main() {
             }
             println!(
                 "{:<22} {:>6} {:>10.1} {:>10.2} {:>9.0} {:>10.1} {:>10.0}",
-                name, format.to_string(), res[0].0, res[0].0 / bw, res[0].1, res[1].0, res[1].1
+                name,
+                format.to_string(),
+                res[0].0,
+                res[0].0 / bw,
+                res[0].1,
+                res[1].0,
+                res[1].1
             );
         }
         for m in [1, 8] {
             let t = candle_matmul_secs(rows, cols, m, true, reps);
-            println!("{:<22} {:>6} candle Tensor::matmul f32 m={m}: {:.1} GB/s, {:.0} µs", name, "f32", (rows * cols * 4) as f64 / t / 1e9, t * 1e6);
+            println!(
+                "{:<22} {:>6} candle Tensor::matmul f32 m={m}: {:.1} GB/s, {:.0} µs",
+                name,
+                "f32",
+                (rows * cols * 4) as f64 / t / 1e9,
+                t * 1e6
+            );
         }
     }
 
@@ -151,8 +188,16 @@ fn main() {
         let mut ya: Vec<Vec<f32>> = (0..n_exp).map(|_| vec![0f32; 896]).collect();
         let mut yb: Vec<Vec<f32>> = (0..n_exp).map(|_| vec![0f32; 1280]).collect();
         let t_many = median_secs(reps * 4, |_| {
-            let mut jobs: Vec<MatmulJob> = up.iter().zip(ya.iter_mut()).map(|(weight, y)| MatmulJob { weight, x: &x, m: 1, y }).collect();
-            jobs.extend(down.iter().zip(yb.iter_mut()).map(|(weight, y)| MatmulJob { weight, x: &h, m: 1, y }));
+            let mut jobs: Vec<MatmulJob> = up
+                .iter()
+                .zip(ya.iter_mut())
+                .map(|(weight, y)| MatmulJob { weight, x: &x, m: 1, y })
+                .collect();
+            jobs.extend(
+                down.iter()
+                    .zip(yb.iter_mut())
+                    .map(|(weight, y)| MatmulJob { weight, x: &h, m: 1, y }),
+            );
             matmul_many(&mut jobs);
         });
         let t_seq = median_secs(reps * 4, |_| {
@@ -172,9 +217,9 @@ fn main() {
         );
     }
 
-    println!("\n== GEMV vs gemm crossover, 1280->6848 (hot), µs ==");
+    println!("\n== GEMV vs gemm crossover, 1280->6848 (hot), µs; matmul switches at m = 8 (f32), 16 (f16, bf16), 32 (q8_0, q4_k) ==");
     print!("{:<6}", "format");
-    let ms = [1, 2, 4, 8, 12, 16, 24, 32];
+    let ms = [1, 4, 8, 16, 24, 32, 48, 64];
     for m in ms {
         print!(" {:>13}", format!("m={m} gemv/gemm"));
     }
@@ -193,8 +238,18 @@ fn main() {
     }
 
     println!("\n== GEMM (GFLOP/s; `of peak` relative to the FMA peak above) ==");
-    println!("{:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "shape m,in->out", "f32", "f16", "bf16", "q8_0", "q4_k", "candle");
-    for (m, cols, rows) in [(3645, 1152, 4304), (729, 1152, 3456), (512, 1280, 6848), (256, 1280, 6848), (100, 1280, 896), (100, 896, 1280)] {
+    println!(
+        "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "shape m,in->out", "f32", "f16", "bf16", "q8_0", "q4_k", "candle"
+    );
+    for (m, cols, rows) in [
+        (3645, 1152, 4304),
+        (729, 1152, 3456),
+        (512, 1280, 6848),
+        (256, 1280, 6848),
+        (100, 1280, 896),
+        (100, 896, 1280),
+    ] {
         let flops = 2.0 * (m * rows * cols) as f64;
         let x = data(m * cols, 1);
         let mut y = vec![0f32; m * rows];
@@ -218,4 +273,5 @@ fn main() {
         }
         println!();
     }
+    println!("\nload average at end: {}", load_average());
 }

@@ -48,7 +48,7 @@ impl Format {
 
     /// Whether a row of `cols` elements is a whole number of blocks.
     pub fn supports_cols(self, cols: usize) -> bool {
-        cols % self.block_len() == 0
+        cols.is_multiple_of(self.block_len())
     }
 
     /// The ggml / GGUF tensor type id.
@@ -97,11 +97,11 @@ impl FromStr for Format {
     type Err = KernelError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
-            KernelError::UnknownFormat {
+        ALL.into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| KernelError::UnknownFormat {
                 name: s.to_string(),
                 valid: ALL.map(Format::name).join(", "),
-            }
-        })
+            })
     }
 }

@@ -29,6 +29,7 @@ fn parallelism() -> gemm::Parallelism {
 ///
 /// # Safety
 /// `x` holds `m * k`, `w` holds `n * k` values and `y` holds `m * ldy` values with `col0 + n <= ldy`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_f32(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32], col0: usize, ldy: usize) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * ldy && col0 + n <= ldy);
     // gemm computes dst[m x n] = lhs[m x k] · rhs[k x n] with arbitrary strides: rhs(kk, j) = w[j * k + kk].

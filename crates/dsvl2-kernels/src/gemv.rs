@@ -1,19 +1,23 @@
-//! Small-`m` products (decoding): each weight row is dequantized once into an L1-resident f32 buffer
-//! and dotted with all `m` activation rows while it is hot, so the weights stream from memory once
-//! per call whatever `m` is. Output rows are split across rayon tasks in chunks.
+//! Small-`m` products (decoding): each weight row is dotted with all `m` activation rows while it is in
+//! L1, so the weights stream from memory once per call whatever `m` is. f16/bf16 rows are first
+//! converted into an L1-resident f32 buffer; q8_0/q4_k rows are used as they are by integer kernels
+//! against activations quantized once per call. Output rows are split across rayon tasks in chunks.
 
 use rayon::prelude::*;
 
 use crate::format::Format;
 use crate::isa::Isa;
+use crate::quant::QuantizedActs;
 use crate::PackedMatrix;
 
-/// Largest `m` handled by the GEMV kernels; above it dequantized panels + gemm are faster.
-/// Chosen with `examples/kernel_bench.rs` (see README).
+/// Largest `m` handled by the GEMV kernels; above it dequantized panels + gemm are faster. Measured
+/// with `examples/kernel_bench.rs` on 6848x1280 (README): f32 GEMV wins up to m = 8, f16/bf16 (whose
+/// GEMV converts each weight row once) up to 16, and the integer q8_0/q4_k kernels up to 32.
 pub(crate) fn max_m(format: Format) -> usize {
     match format {
-        Format::F32 => 4,
-        _ => 8,
+        Format::F32 => 8,
+        Format::F16 | Format::Bf16 => 16,
+        Format::Q8_0 | Format::Q4K => 32,
     }
 }
 
@@ -33,24 +37,48 @@ fn rows_per_task(rows: usize, row_bytes: usize) -> usize {
     balance.clamp(min_rows, 256.max(min_rows)).min(rows).max(1)
 }
 
+/// The activations in the form the kernels of `format` read: f32 for float formats, 8-bit blocks for
+/// q8_0 / q4_k, whose integer kernels (`maddubs`) do several times less work per weight than
+/// converting each weight to f32 (see README for the measured speed and error).
+enum Acts<'a> {
+    F32(&'a [f32]),
+    Quantized(QuantizedActs),
+}
+
+impl<'a> Acts<'a> {
+    fn new(format: Format, x: &'a [f32], m: usize, cols: usize) -> Self {
+        match format {
+            Format::Q8_0 | Format::Q4K => Acts::Quantized(QuantizedActs::new(x, m, cols)),
+            Format::F32 | Format::F16 | Format::Bf16 => Acts::F32(x),
+        }
+    }
+}
+
 /// Computes `y[i, r]` for all `i < m` and `r` in `rows` (`y` has row stride `w.rows()`).
 ///
 /// # Safety
 /// `y` must point at an `m x w.rows()` buffer, and no other thread may touch these elements meanwhile.
-unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, rows: std::ops::Range<usize>, y: OutPtr) {
+unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std::ops::Range<usize>, y: OutPtr) {
     let cols = w.cols();
     let f32_weights = w.f32_view();
-    let mut buf = vec![0f32; if f32_weights.is_some() { 0 } else { cols }];
+    let needs_buf = matches!(acts, Acts::F32(_)) && f32_weights.is_none();
+    let mut buf = vec![0f32; if needs_buf { cols } else { 0 }];
     let mut out = vec![0f32; m];
     for r in rows {
-        let wrow: &[f32] = match f32_weights {
-            Some(all) => &all[r * cols..(r + 1) * cols],
-            None => {
-                isa.decode(w.format(), w.row_range_bytes(r, 1), &mut buf);
-                &buf
+        match acts {
+            Acts::Quantized(q) => isa.dot_quantized(w.format(), w.row_range_bytes(r, 1), q, 0, &mut out),
+            Acts::F32(x) => {
+                // Weight row as f32: in place for f32 weights, else dequantized into the (L1-resident) buffer.
+                let wrow: &[f32] = match f32_weights {
+                    Some(all) => &all[r * cols..(r + 1) * cols],
+                    None => {
+                        isa.decode(w.format(), w.row_range_bytes(r, 1), &mut buf);
+                        &buf
+                    }
+                };
+                isa.dot_multi(wrow, x, cols, &mut out);
             }
-        };
-        isa.dot_multi(wrow, x, cols, &mut out);
+        }
         for (i, &v) in out.iter().enumerate() {
             *y.0.add(i * w.rows() + r) = v;
         }
@@ -61,12 +89,13 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
     if m == 0 || w.rows() == 0 {
         return;
     }
+    let acts = Acts::new(w.format(), x, m, w.cols());
     let chunk = rows_per_task(w.rows(), w.row_bytes());
     let out = OutPtr(y.as_mut_ptr());
     (0..w.rows().div_ceil(chunk)).into_par_iter().for_each(|c| {
         let r0 = c * chunk;
         // SAFETY: y has m * rows elements (checked by the caller); tasks own disjoint row ranges.
-        unsafe { gemv_rows(isa, w, x, m, r0..(r0 + chunk).min(w.rows()), out) }
+        unsafe { gemv_rows(isa, w, &acts, m, r0..(r0 + chunk).min(w.rows()), out) }
     });
 }
 
@@ -89,12 +118,13 @@ pub fn matmul_many(jobs: &mut [MatmulJob<'_>]) {
 pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
     struct Task<'a> {
         w: &'a PackedMatrix,
-        x: &'a [f32],
+        acts: usize,
         m: usize,
         rows: std::ops::Range<usize>,
         y: OutPtr,
     }
     let mut tasks = Vec::new();
+    let mut acts = Vec::new();
     for job in jobs.iter_mut() {
         job.weight.check_matmul_args(job.x, job.m, job.y);
         let w = job.weight;
@@ -103,14 +133,21 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
         }
         let chunk = rows_per_task(w.rows(), w.row_bytes());
         let y = OutPtr(job.y.as_mut_ptr());
+        acts.push(Acts::new(w.format(), job.x, job.m, w.cols()));
         for r0 in (0..w.rows()).step_by(chunk) {
-            tasks.push(Task { w, x: job.x, m: job.m, rows: r0..(r0 + chunk).min(w.rows()), y });
+            tasks.push(Task {
+                w,
+                acts: acts.len() - 1,
+                m: job.m,
+                rows: r0..(r0 + chunk).min(w.rows()),
+                y,
+            });
         }
     }
     tasks.par_iter().for_each(|t| {
         // SAFETY: each job's y was checked to hold m * rows values, jobs hold distinct &mut buffers and
         // the chunks of one job are disjoint.
-        unsafe { gemv_rows(isa, t.w, t.x, t.m, t.rows.clone(), t.y) }
+        unsafe { gemv_rows(isa, t.w, &acts[t.acts], t.m, t.rows.clone(), t.y) }
     });
     for job in jobs.iter_mut() {
         if job.m > max_m(job.weight.format()) {

@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use crate::format::Format;
+use crate::quant::QuantizedActs;
 use crate::scalar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +39,12 @@ impl Isa {
     #[inline]
     pub(crate) fn decode(self, format: Format, src: &[u8], dst: &mut [f32]) {
         let need = format.bytes_for(1, dst.len());
-        assert!(format.supports_cols(dst.len()) && src.len() >= need, "decode: {} bytes for {} {format} values", src.len(), dst.len());
+        assert!(
+            format.supports_cols(dst.len()) && src.len() >= need,
+            "decode: {} bytes for {} {format} values",
+            src.len(),
+            dst.len()
+        );
         match self {
             Isa::Scalar => scalar::decode(format, &src[..need], dst),
             // SAFETY: Avx2 is only constructed after the features were detected; sizes checked above.
@@ -55,6 +61,19 @@ impl Isa {
             // SAFETY: features detected; dot_multi checks the length of x itself.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::dot_multi(w, x, stride, out) },
+        }
+    }
+
+    /// q8_0 / q4_k weight row (its bytes) against quantized activation rows `first..first + out.len()`.
+    #[inline]
+    pub(crate) fn dot_quantized(self, format: Format, w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
+        match (self, format) {
+            (Isa::Scalar, Format::Q8_0) => scalar::dot_q8_0(w, acts, first, out),
+            (Isa::Scalar, Format::Q4K) => scalar::dot_q4k(w, acts, first, out),
+            (Isa::Scalar, _) => unreachable!("dot_quantized: {format} is not an integer format"),
+            // SAFETY: features detected; the kernel checks the row and activation sizes.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, _) => unsafe { crate::simd::x86::dot_quantized(format, w, acts, first, out) },
         }
     }
 }

@@ -28,11 +28,26 @@ pub use packed::PackedMatrix;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("format {format} stores rows in blocks of {block_len} values, but the matrix has {cols} columns")]
-    UnsupportedCols { format: Format, cols: usize, block_len: usize },
+    UnsupportedCols {
+        format: Format,
+        cols: usize,
+        block_len: usize,
+    },
     #[error("a {rows}x{cols} {format} matrix takes {expected} bytes, got {got}")]
-    ByteLength { format: Format, rows: usize, cols: usize, expected: usize, got: usize },
+    ByteLength {
+        format: Format,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("a {rows}x{cols} matrix has {expected} values, got {got}")]
-    DataLength { rows: usize, cols: usize, expected: usize, got: usize },
+    DataLength {
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("unknown weight format {name:?} (valid: {valid})")]
     UnknownFormat { name: String, valid: String },
 }

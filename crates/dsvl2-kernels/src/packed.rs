@@ -19,7 +19,10 @@ struct AlignedBytes {
 
 impl AlignedBytes {
     fn zeroed(len: usize) -> Self {
-        AlignedBytes { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
+        AlignedBytes {
+            lines: vec![Line([0; 64]); len.div_ceil(64)],
+            len,
+        }
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -58,7 +61,11 @@ impl PackedMatrix {
         if format.supports_cols(cols) {
             Ok(())
         } else {
-            Err(KernelError::UnsupportedCols { format, cols, block_len: format.block_len() })
+            Err(KernelError::UnsupportedCols {
+                format,
+                cols,
+                block_len: format.block_len(),
+            })
         }
     }
 
@@ -66,22 +73,34 @@ impl PackedMatrix {
     pub fn from_f32(format: Format, rows: usize, cols: usize, data: &[f32]) -> Result<Self, KernelError> {
         Self::check_cols(format, cols)?;
         if data.len() != rows * cols {
-            return Err(KernelError::DataLength { rows, cols, expected: rows * cols, got: data.len() });
+            return Err(KernelError::DataLength {
+                rows,
+                cols,
+                expected: rows * cols,
+                got: data.len(),
+            });
         }
         let mut out = AlignedBytes::zeroed(format.bytes_for(rows, cols));
         let row_bytes = format.bytes_for(1, cols);
-        if row_bytes > 0 {
-            // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
-            let per_task = (64 * 1024 / row_bytes).max(1);
-            out.as_mut_slice().par_chunks_mut(row_bytes * per_task).zip(data.par_chunks(cols * per_task)).for_each(
-                |(dst, src)| {
+        // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
+        // (No rows or no columns: nothing to convert.)
+        if let Some(per_task) = (64 * 1024usize).checked_div(row_bytes) {
+            let per_task = per_task.max(1);
+            out.as_mut_slice()
+                .par_chunks_mut(row_bytes * per_task)
+                .zip(data.par_chunks(cols * per_task))
+                .for_each(|(dst, src)| {
                     for (d, s) in dst.chunks_exact_mut(row_bytes).zip(src.chunks_exact(cols)) {
                         quant::quantize_row(format, s, d);
                     }
-                },
-            );
+                });
         }
-        Ok(PackedMatrix { format, rows, cols, data: out })
+        Ok(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data: out,
+        })
     }
 
     /// Wraps bytes already in `format`'s layout (e.g. a GGUF tensor); copies them into aligned storage.
@@ -89,11 +108,22 @@ impl PackedMatrix {
         Self::check_cols(format, cols)?;
         let expected = format.bytes_for(rows, cols);
         if bytes.len() != expected {
-            return Err(KernelError::ByteLength { format, rows, cols, expected, got: bytes.len() });
+            return Err(KernelError::ByteLength {
+                format,
+                rows,
+                cols,
+                expected,
+                got: bytes.len(),
+            });
         }
         let mut out = AlignedBytes::zeroed(expected);
         out.as_mut_slice().copy_from_slice(bytes);
-        Ok(PackedMatrix { format, rows, cols, data: out })
+        Ok(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data: out,
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -146,8 +176,17 @@ impl PackedMatrix {
     }
 
     pub(crate) fn dequantize_rows_isa(&self, isa: Isa, start: usize, n: usize, out: &mut [f32]) {
-        assert!(start + n <= self.rows, "dequantize_rows: rows {start}..{} of a {}-row matrix", start + n, self.rows);
-        assert_eq!(out.len(), n * self.cols, "dequantize_rows: output length must be n * cols");
+        assert!(
+            start + n <= self.rows,
+            "dequantize_rows: rows {start}..{} of a {}-row matrix",
+            start + n,
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            n * self.cols,
+            "dequantize_rows: output length must be n * cols"
+        );
         isa.decode(self.format, self.row_range_bytes(start, n), out);
     }
 
@@ -168,8 +207,20 @@ impl PackedMatrix {
     }
 
     pub(crate) fn check_matmul_args(&self, x: &[f32], m: usize, y: &[f32]) {
-        assert_eq!(x.len(), m * self.cols, "matmul: x has {} values, expected m * cols = {m} * {}", x.len(), self.cols);
-        assert_eq!(y.len(), m * self.rows, "matmul: y has {} values, expected m * rows = {m} * {}", y.len(), self.rows);
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "matmul: x has {} values, expected m * cols = {m} * {}",
+            x.len(),
+            self.cols
+        );
+        assert_eq!(
+            y.len(),
+            m * self.rows,
+            "matmul: y has {} values, expected m * rows = {m} * {}",
+            y.len(),
+            self.rows
+        );
     }
 
     /// Forces the GEMV kernels whatever `m` is (benchmarks and tests).

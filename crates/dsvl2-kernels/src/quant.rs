@@ -5,7 +5,7 @@
 
 use half::{bf16, f16};
 
-use crate::format::{Format, QK8_0, QK_K, Q4K_BYTES, Q8_0_BYTES};
+use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
 
 /// Quantizes one row (`src.len()` a multiple of the block length) into `dst` (its exact byte size).
 pub(crate) fn quantize_row(format: Format, src: &[f32], dst: &mut [u8]) {
@@ -51,7 +51,7 @@ fn quantize_block_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// ggml's `nearest_int`: the float-add magic number trick, i.e. round half to even.
+/// ggml's `nearest_int`: the float-add magic number trick, i.e. round half to even (and no libm call).
 #[inline]
 fn nearest_int(v: f32) -> i32 {
     debug_assert!(v.abs() <= 4194303.0);
@@ -65,7 +65,10 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -169,7 +172,8 @@ fn quantize_block_q4k(x: &[f32], out: &mut [u8]) {
         for (w, v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        (scales[j], mins[j]) = make_qkx2_quants(15, xs, &weights, &mut l[32 * j..32 * j + 32], &mut laux, -1.0, 0.1, 20);
+        (scales[j], mins[j]) =
+            make_qkx2_quants(15, xs, &weights, &mut l[32 * j..32 * j + 32], &mut laux, -1.0, 0.1, 20);
         max_scale = max_scale.max(scales[j]);
         max_min = max_min.max(mins[j]);
     }
@@ -213,5 +217,52 @@ fn quantize_block_q4k(x: &[f32], out: &mut [u8]) {
         for i in 0..32 {
             qs[32 * c + i] = l[j + i] | (l[j + i + 32] << 4);
         }
+    }
+}
+
+/// Activation rows quantized for the integer GEMV kernels of q8_0 / q4_k weights: per block of 32
+/// values an f32 scale `d = amax / 127`, the 8-bit values `q = round(x / d)`, and the block's sum
+/// `d · Σq` for q4_k's `-dmin·m·Σx` term. That sum is deliberately the *quantized* one: then the
+/// activation error enters only as `Σ w·(x̂ - x)`, as for q8_0; with the exact Σx it would be weighted
+/// by `w + dmin·m` instead (measured 5x larger error).
+/// Scales keep f32 precision (ggml rounds them to f16) and cover 32 values (ggml's q8_K covers 256), so
+/// one outlier only coarsens its own block.
+pub(crate) struct QuantizedActs {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<f32>,
+    pub cols: usize,
+    /// Row stride of `d` and `sum`: blocks per row rounded up to 8, so kernels may load 8 scales at once.
+    pub stride: usize,
+}
+
+impl QuantizedActs {
+    pub(crate) fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        assert!(cols.is_multiple_of(QK8_0) && x.len() == m * cols);
+        let nb = cols / QK8_0;
+        let stride = nb.next_multiple_of(8);
+        let mut acts = QuantizedActs {
+            q: vec![0; m * cols],
+            d: vec![0.0; m * stride],
+            sum: vec![0.0; m * stride],
+            cols,
+            stride,
+        };
+        for i in 0..m {
+            for b in 0..nb {
+                let xs = &x[i * cols + b * QK8_0..i * cols + (b + 1) * QK8_0];
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let mut qsum = 0i32;
+                for (q, &v) in acts.q[i * cols + b * QK8_0..].iter_mut().zip(xs) {
+                    *q = nearest_int(v * id) as i8;
+                    qsum += *q as i32;
+                }
+                acts.d[i * stride + b] = d;
+                acts.sum[i * stride + b] = d * qsum as f32;
+            }
+        }
+        acts
     }
 }

@@ -4,8 +4,8 @@
 
 use half::{bf16, f16};
 
-use crate::format::{Format, QK8_0, QK_K, Q4K_BYTES, Q8_0_BYTES};
-use crate::quant::scale_min_k4;
+use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
+use crate::quant::{scale_min_k4, QuantizedActs};
 
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -83,6 +83,57 @@ pub(crate) fn dot_multi(w: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
         let mut s = acc.iter().sum::<f32>();
         for (a, b) in wt.iter().zip(xt) {
             s += a * b;
+        }
+        *o = s;
+    }
+}
+
+/// q8_0 weight row against quantized activation rows `first..first + out.len()`: per block
+/// `dw * dx * Σ qw·qx`, the same integer algorithm as the SIMD kernel.
+pub(crate) fn dot_q8_0(w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
+    let cols = acts.cols;
+    for (g, o) in out.iter_mut().enumerate() {
+        let i = first + g;
+        let xq = &acts.q[i * cols..(i + 1) * cols];
+        let xd = &acts.d[i * acts.stride..];
+        let mut s = 0f32;
+        for (b, blk) in w.chunks_exact(Q8_0_BYTES).enumerate() {
+            let isum: i32 = blk[2..]
+                .iter()
+                .zip(&xq[b * QK8_0..])
+                .map(|(&a, &c)| (a as i8) as i32 * c as i32)
+                .sum();
+            s += f16_at(blk, 0) * xd[b] * isum as f32;
+        }
+        *o = s;
+    }
+}
+
+/// q4_k weight row against quantized activation rows: per sub-block j of 32,
+/// `d·sc_j · dx_j · Σ q·qx − dmin·m_j · Σx_j`.
+pub(crate) fn dot_q4k(w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
+    let cols = acts.cols;
+    for (g, o) in out.iter_mut().enumerate() {
+        let i = first + g;
+        let xq = &acts.q[i * cols..(i + 1) * cols];
+        let xd = &acts.d[i * acts.stride..];
+        let xs = &acts.sum[i * acts.stride..];
+        let mut s = 0f32;
+        for (sb, blk) in w.chunks_exact(Q4K_BYTES).enumerate() {
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, &blk[4..16]);
+                let qs = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                let x = &xq[sb * QK_K + 32 * j..];
+                let shift = 4 * (j % 2);
+                let isum: i32 = qs
+                    .iter()
+                    .zip(x)
+                    .map(|(&q, &v)| ((q >> shift) & 0xF) as i32 * v as i32)
+                    .sum();
+                let b = sb * 8 + j;
+                s += d * sc as f32 * xd[b] * isum as f32 - dmin * m as f32 * xs[b];
+            }
         }
         *o = s;
     }

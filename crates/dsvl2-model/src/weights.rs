@@ -61,71 +61,11 @@ impl Weights {
     /// Maps every weight file and indexes its tensors. For sharded checkpoints the index must
     /// agree with the shards' own headers.
     pub fn open(files: &WeightFiles, device: &Device, dtype: DType) -> Result<Self, ModelError> {
-        let paths = files.files();
-        let mut mapped = Vec::with_capacity(paths.len());
-        let mut entries = BTreeMap::new();
-        for (file_index, path) in paths.iter().enumerate() {
-            let mmap = map_file(path)?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Weights {
-                path: path.clone(),
-                message: format!("not a valid safetensors file: {e}"),
-            })?;
-            let base = mmap.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let data = view.data();
-                let start = data.as_ptr() as usize - base;
-                let stored = match view.dtype() {
-                    safetensors::Dtype::F32 => Format::F32,
-                    safetensors::Dtype::F16 => Format::F16,
-                    safetensors::Dtype::BF16 => Format::Bf16,
-                    other => {
-                        return Err(ModelError::Weights {
-                            path: path.clone(),
-                            message: format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
-                        })
-                    }
-                };
-                let entry = Entry {
-                    file: file_index,
-                    stored: Stored::Float(stored),
-                    shape: view.shape().to_vec(),
-                    start,
-                    end: start + data.len(),
-                };
-                if let Some(previous) = entries.insert(name.clone(), entry) {
-                    return Err(ModelError::Weights {
-                        path: path.clone(),
-                        message: format!("tensor `{name}` is also in {}", paths[previous.file].display()),
-                    });
-                }
-            }
-            mapped.push((path.clone(), mmap));
-        }
-        if let WeightFiles::Sharded { index, weight_map, .. } = files {
-            for (name, file) in weight_map {
-                match entries.get(name) {
-                    Some(e) if &paths[e.file] == file => {}
-                    Some(e) => {
-                        return Err(ModelError::Weights {
-                            path: index.clone(),
-                            message: format!(
-                                "`{name}` is listed in {} but stored in {}",
-                                file.display(),
-                                paths[e.file].display()
-                            ),
-                        })
-                    }
-                    None => {
-                        return Err(ModelError::Weights {
-                            path: index.clone(),
-                            message: format!("`{name}` is listed in {} but not stored there", file.display()),
-                        })
-                    }
-                }
-            }
-        }
+        let (mapped, entries) = match files {
+            WeightFiles::Gguf { path, tensors } => open_gguf(path, tensors)?,
+            _ => open_safetensors(files)?,
+        };
         Ok(Weights {
-            files: mapped,
             used: RefCell::new(BTreeSet::new()),
             device: device.clone(),
             dtype,
@@ -133,6 +73,7 @@ impl Weights {
             progress: None,
             loaded_bytes: Cell::new(0),
             total_bytes: entries.values().map(|e| (e.end - e.start) as u64).sum(),
+            files: mapped,
             entries,
         })
     }
@@ -180,7 +121,7 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let entry = self.checked_entry(name, shape)?;
         let values = self.read_f32(name, entry)?;
-        self.report_progress(entry);
+        self.finished_reading(entry);
         Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
@@ -200,7 +141,7 @@ impl Weights {
             path: self.files[entry.file].0.clone(),
             message: format!("tensor `{name}`: {e}"),
         })?;
-        self.report_progress(entry);
+        self.finished_reading(entry);
         Ok(matrix)
     }
 
@@ -208,7 +149,7 @@ impl Weights {
     pub fn get_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let entry = self.entry(name)?;
         let values = self.read_f32(name, entry)?;
-        self.report_progress(entry);
+        self.finished_reading(entry);
         Ok(values)
     }
 
@@ -268,9 +209,23 @@ impl Weights {
         Ok(values)
     }
 
-    fn report_progress(&self, entry: &Entry) {
+    /// Called once a tensor's bytes have been copied out: drops its file pages from this process
+    /// (they stay in the OS page cache), so peak memory is the converted weights, not converted
+    /// weights plus the whole mapped checkpoint. Then reports progress.
+    fn finished_reading(&self, entry: &Entry) {
+        #[cfg(unix)]
+        {
+            let mmap = &self.files[entry.file].1;
+            // SAFETY: the map is read-only and file-backed, and no slice into this range outlives
+            // the copy just made; after MADV_DONTNEED a later read simply faults the page back in
+            // from the file. Failure only means the pages stay resident, so it is ignored.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
+            };
+        }
         if let Some(progress) = &self.progress {
-            self.loaded_bytes.set(self.loaded_bytes.get() + (entry.end - entry.start) as u64);
+            self.loaded_bytes
+                .set(self.loaded_bytes.get() + (entry.end - entry.start) as u64);
             progress(self.loaded_bytes.get(), self.total_bytes);
         }
     }
@@ -329,6 +284,106 @@ fn decode_floats(format: Format, bytes: &[u8]) -> Vec<f32> {
             }
         });
     out
+}
+
+type Opened = (Vec<(PathBuf, Mmap)>, BTreeMap<String, Entry>);
+
+/// Maps safetensors files (one, or the shards of an index, which must agree with their headers).
+fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
+    let paths = files.files();
+    let mut mapped = Vec::with_capacity(paths.len());
+    let mut entries = BTreeMap::new();
+    for (file_index, path) in paths.iter().enumerate() {
+        let mmap = map_file(path)?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Weights {
+            path: path.clone(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        let base = mmap.as_ptr() as usize;
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let start = data.as_ptr() as usize - base;
+            let stored = match view.dtype() {
+                safetensors::Dtype::F32 => Format::F32,
+                safetensors::Dtype::F16 => Format::F16,
+                safetensors::Dtype::BF16 => Format::Bf16,
+                other => {
+                    return Err(ModelError::Weights {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
+                    })
+                }
+            };
+            let entry = Entry {
+                file: file_index,
+                stored: Stored::Float(stored),
+                shape: view.shape().to_vec(),
+                start,
+                end: start + data.len(),
+            };
+            if let Some(previous) = entries.insert(name.clone(), entry) {
+                return Err(ModelError::Weights {
+                    path: path.clone(),
+                    message: format!("tensor `{name}` is also in {}", paths[previous.file].display()),
+                });
+            }
+        }
+        mapped.push((path.clone(), mmap));
+    }
+    if let WeightFiles::Sharded { index, weight_map, .. } = files {
+        for (name, file) in weight_map {
+            match entries.get(name) {
+                Some(e) if &paths[e.file] == file => {}
+                Some(e) => {
+                    return Err(ModelError::Weights {
+                        path: index.clone(),
+                        message: format!(
+                            "`{name}` is listed in {} but stored in {}",
+                            file.display(),
+                            paths[e.file].display()
+                        ),
+                    })
+                }
+                None => {
+                    return Err(ModelError::Weights {
+                        path: index.clone(),
+                        message: format!("`{name}` is listed in {} but not stored there", file.display()),
+                    })
+                }
+            }
+        }
+    }
+    Ok((mapped, entries))
+}
+
+/// Maps a GGUF file whose header `ModelDir` has already read and checked (offsets are absolute and
+/// inside the file). Every tensor is used as stored: the file's formats were chosen when it was
+/// written, by the same rule the loader uses.
+fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Opened, ModelError> {
+    let mmap = map_file(path)?;
+    let mut entries = BTreeMap::new();
+    for t in tensors {
+        let format = Format::from_ggml_type(t.ggml_type).ok_or_else(|| ModelError::Weights {
+            path: path.to_path_buf(),
+            message: format!("tensor `{}` has unsupported ggml type {}", t.name, t.ggml_type),
+        })?;
+        let (start, end) = (t.offset as usize, (t.offset + t.nbytes) as usize);
+        if end > mmap.len() {
+            return Err(ModelError::Weights {
+                path: path.to_path_buf(),
+                message: format!("tensor `{}` lies past the end of the file", t.name),
+            });
+        }
+        let entry = Entry {
+            file: 0,
+            stored: Stored::Blocks(format),
+            shape: t.shape.clone(),
+            start,
+            end,
+        };
+        entries.insert(t.name.clone(), entry);
+    }
+    Ok((vec![(path.to_path_buf(), mmap)], entries))
 }
 
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {

@@ -68,7 +68,7 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Loads the tokenizer of a model folder; bos/eos come from its tokenizer config, the image
+    /// Loads the tokenizer of a model folder (or the one a GGUF embeds); bos/eos come from its tokenizer config, the image
     /// token from `processor_config.json`.
     pub fn from_model_dir(dir: &ModelDir) -> Result<Self, ProcessorError> {
         let files = &dir.tokenizer;
@@ -80,7 +80,12 @@ impl Processor {
             .eos_token
             .as_deref()
             .ok_or_else(|| ProcessorError::UnnamedSpecialToken { what: "eos".into() })?;
-        Self::new(dir.processor.clone(), &files.tokenizer_json, bos, eos)
+        let tokenizer = TextTokenizer::from_source(&files.source, bos, eos, &dir.processor.image_token)?;
+        Ok(Processor {
+            tokenizer,
+            config: dir.processor.clone(),
+            decode_options: DecodeOptions::default(),
+        })
     }
 
     /// Builds a processor from its parts (`tokenizer_json` is a `tokenizer.json` file).

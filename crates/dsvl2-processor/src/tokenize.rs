@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dsvl2_config::TokenizerSource;
 use tokenizers::Tokenizer;
 
 use crate::ProcessorError;
@@ -30,6 +31,27 @@ impl TextTokenizer {
             message: e.to_string(),
         })?;
         Self::new(tokenizer, path, bos, eos, image_token)
+    }
+
+    /// Loads `tokenizer.json` from a file or from the text a GGUF embeds; errors name the file
+    /// (and the metadata key).
+    pub fn from_source(
+        source: &TokenizerSource,
+        bos: &str,
+        eos: &str,
+        image_token: &str,
+    ) -> Result<Self, ProcessorError> {
+        match source {
+            TokenizerSource::File(path) => Self::load(path, bos, eos, image_token),
+            TokenizerSource::Embedded { container, key, json } => {
+                let label = PathBuf::from(format!("{} (metadata `{key}`)", container.display()));
+                let tokenizer = Tokenizer::from_bytes(json.as_bytes()).map_err(|e| ProcessorError::Tokenizer {
+                    path: label.clone(),
+                    message: e.to_string(),
+                })?;
+                Self::new(tokenizer, &label, bos, eos, image_token)
+            }
+        }
     }
 
     /// Wraps an already loaded tokenizer; `path` only labels errors.

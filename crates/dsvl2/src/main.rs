@@ -1,6 +1,7 @@
 //! `dsvl2`: run DeepSeek-VL2 vision-language models.
 
 mod commands;
+mod probe;
 mod runner;
 
 use clap::{Parser, Subcommand};
@@ -24,9 +25,19 @@ enum Command {
     Chat(commands::chat::ChatArgs),
     /// HTTP server: Replicate Cog predictions and OpenAI chat completions, with metrics.
     Serve(commands::serve::ServeArgs),
+    /// Write a full-size checkpoint of an official model (or any config.json) with random weights,
+    /// for speed measurements without the real weights.
+    RandomModel(commands::random_model::RandomModelArgs),
+    /// Time one request stage by stage (and batched decoding), against the machine's measured
+    /// memory bandwidth and FMA peak; prints a table or one JSON object.
+    Bench(commands::bench::BenchArgs),
+    /// Write a model as one GGUF file (configs, tokenizer and weights) with its linear weights in
+    /// q4_k, q8_0, f16, bf16 or f32; `--model FILE.gguf` then loads it anywhere a folder works.
+    Quantize(commands::quantize::QuantizeArgs),
 }
 
 fn main() {
+    probe::mark_main_started();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
@@ -34,6 +45,9 @@ fn main() {
         Command::Download(args) => commands::download::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::RandomModel(args) => commands::random_model::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
     };
     if let Err(err) = result {
         // A closed pipe (`dsvl2 generate ... | head`) is the reader's choice, not a failure.

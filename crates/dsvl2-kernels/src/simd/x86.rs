@@ -6,19 +6,23 @@
 
 use std::arch::x86_64::*;
 
-use crate::format::{Format, QK8_0, QK_K, Q4K_BYTES, Q8_0_BYTES};
-use crate::quant::scale_min_k4;
+use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
+use crate::quant::{scale_min_k4, QuantizedActs};
 
+/// Converts the two little-endian f16 values at `p` (q4_k's `d` and `dmin`). Both lanes are used, so
+/// the compiler keeps the zero-extending 32-bit load; a 16-bit load compiles to `vpinsrw`, which merges
+/// into the previous register value and chains every block's conversion to the last one.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_bits_to_f32(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+unsafe fn f16_pair_at(p: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_loadu_si32(p));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    f16_bits_to_f32(u16::from_le_bytes([*p, *p.add(1)]))
+    half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32()
 }
 
 /// Dequantizes whole rows: `src` holds `dst.len()` elements in `format`'s layout.
@@ -36,7 +40,10 @@ pub(crate) unsafe fn decode(format: Format, src: &[u8], dst: &mut [f32]) {
         Format::F16 => {
             let mut k = 0;
             while k + 8 <= n {
-                _mm256_storeu_ps(d.add(k), _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * k) as *const __m128i)));
+                _mm256_storeu_ps(
+                    d.add(k),
+                    _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * k) as *const __m128i)),
+                );
                 k += 8;
             }
             while k < n {
@@ -58,14 +65,31 @@ pub(crate) unsafe fn decode(format: Format, src: &[u8], dst: &mut [f32]) {
             }
         }
         Format::Q8_0 => {
-            for b in 0..n / QK8_0 {
-                let blk = s.add(b * Q8_0_BYTES);
-                let scale = _mm256_set1_ps(f16_at(blk));
-                let out = d.add(b * QK8_0);
-                for j in 0..4 {
-                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * j) as *const __m128i));
-                    _mm256_storeu_ps(out.add(8 * j), _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale));
+            // Scales are converted eight blocks at a time: converting them one by one compiles to a
+            // `vpinsrw` chain that serialises all blocks of the row.
+            let nb = n / QK8_0;
+            let mut b = 0;
+            while b < nb {
+                let g = (nb - b).min(8);
+                let mut bits = [0u16; 8];
+                for (j, v) in bits.iter_mut().enumerate().take(g) {
+                    *v = std::ptr::read_unaligned(s.add((b + j) * Q8_0_BYTES) as *const u16);
                 }
+                let mut scales = [0f32; 8];
+                _mm256_storeu_ps(
+                    scales.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i)),
+                );
+                for (j, &scale) in scales.iter().enumerate().take(g) {
+                    let blk = s.add((b + j) * Q8_0_BYTES + 2);
+                    let out = d.add((b + j) * QK8_0);
+                    let scale = _mm256_set1_ps(scale);
+                    for k in 0..4 {
+                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(8 * k) as *const __m128i));
+                        _mm256_storeu_ps(out.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale));
+                    }
+                }
+                b += g;
             }
         }
         Format::Q4K => {
@@ -79,8 +103,7 @@ pub(crate) unsafe fn decode(format: Format, src: &[u8], dst: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decode_q4k_block(blk: *const u8, out: *mut f32) {
-    let d = f16_at(blk);
-    let dmin = f16_at(blk.add(2));
+    let (d, dmin) = f16_pair_at(blk);
     let scales = std::slice::from_raw_parts(blk.add(4), 12);
     let qs = blk.add(16);
     let low4 = _mm256_set1_epi32(0xF);
@@ -169,5 +192,148 @@ pub(crate) unsafe fn dot_multi(w: &[f32], x: &[f32], stride: usize, out: &mut [f
             _ => dot_group::<4, 2>(w, xp, stride, o),
         }
         i += 4;
+    }
+}
+
+/// Sum of `G` rows' products, per block: `Σ_b scale_b · Σ_{32} qw·qx` with `maddubs` (u8 × i8 pairs
+/// into i16) and `madd` (pairs into i32). Two accumulators per row (even/odd blocks) keep two FMA
+/// chains in flight when G is small.
+///
+/// q8_0: `maddubs` needs one unsigned operand, so the weight's sign is moved onto the activation
+/// (|w| · sign(x, w)); |w| ≤ 128 and |x| ≤ 127 cannot saturate the i16 pair sums.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedActs, first: usize) -> [f32; G] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    let xq: [*const i8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols));
+    let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
+    let mut b = 0;
+    while b < nb {
+        // Eight blocks' scales at once (see `decode`), multiplied by the activation blocks' scales
+        // (`acts.d` rows are padded to a multiple of 8, so the 8-wide load stays in bounds).
+        let n8 = (nb - b).min(8);
+        let mut bits = [0u16; 8];
+        for (j, v) in bits.iter_mut().enumerate().take(n8) {
+            *v = std::ptr::read_unaligned(w.add((b + j) * Q8_0_BYTES) as *const u16);
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+        let mut scales = [[0f32; 8]; G];
+        for g in 0..G {
+            _mm256_storeu_ps(scales[g].as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(xd[g].add(b))));
+        }
+        for j in 0..n8 {
+            let blk = b + j;
+            let wv = _mm256_loadu_si256(w.add(blk * Q8_0_BYTES + 2) as *const __m256i);
+            let aw = _mm256_sign_epi8(wv, wv);
+            for g in 0..G {
+                let xv = _mm256_loadu_si256(xq[g].add(blk * QK8_0) as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+                let a = &mut acc[g][j & 1];
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scales[g][j]), *a);
+            }
+        }
+        b += n8;
+    }
+    std::array::from_fn(|g| hsum(_mm256_add_ps(acc[g][0], acc[g][1])))
+}
+
+/// ggml's q4_k scale unpacking: the 12 packed bytes → (8 six-bit scales, 8 six-bit mins) as bytes.
+#[inline]
+unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u0 = std::ptr::read_unaligned(p as *const u32);
+    let u1 = std::ptr::read_unaligned(p.add(4) as *const u32);
+    let u2 = std::ptr::read_unaligned(p.add(8) as *const u32);
+    let scales_lo = u0 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    (
+        scales_lo as u64 | (scales_hi as u64) << 32,
+        mins_lo as u64 | (mins_hi as u64) << 32,
+    )
+}
+
+/// q4_k row against `G` quantized activation rows. Nibbles are already unsigned, so `maddubs` takes
+/// them directly. The min term uses the exact activation block sums: `- (dmin·m_j) · Σx_j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_group<const G: usize>(w: *const u8, nsb: usize, acts: &QuantizedActs, first: usize) -> [f32; G] {
+    let ones = _mm256_set1_epi16(1);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    let xq: [*const i8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols));
+    let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
+    let xs: [*const f32; G] = std::array::from_fn(|g| acts.sum.as_ptr().add((first + g) * acts.stride));
+    for sb in 0..nsb {
+        let blk = w.add(sb * Q4K_BYTES);
+        let (d, dmin) = f16_pair_at(blk);
+        let (sc, mn) = q4k_scales_mins(blk.add(4));
+        let dsc = _mm256_mul_ps(
+            _mm256_set1_ps(d),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))),
+        );
+        let dmn = _mm256_mul_ps(
+            _mm256_set1_ps(dmin),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))),
+        );
+        let mut scales = [[0f32; 8]; G];
+        for g in 0..G {
+            _mm256_storeu_ps(
+                scales[g].as_mut_ptr(),
+                _mm256_mul_ps(dsc, _mm256_loadu_ps(xd[g].add(8 * sb))),
+            );
+            acc[g][1] = _mm256_fnmadd_ps(dmn, _mm256_loadu_ps(xs[g].add(8 * sb)), acc[g][1]);
+        }
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(q, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            for g in 0..G {
+                let x = xq[g].add(sb * QK_K + 64 * c);
+                let x0 = _mm256_loadu_si256(x as *const __m256i);
+                let x1 = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+                acc[g][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(scales[g][2 * c]), acc[g][0]);
+                acc[g][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(scales[g][2 * c + 1]), acc[g][1]);
+            }
+        }
+    }
+    std::array::from_fn(|g| hsum(_mm256_add_ps(acc[g][0], acc[g][1])))
+}
+
+/// One q8_0 / q4_k weight row (`w`, its bytes) against quantized activation rows
+/// `first..first + out.len()`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `w` must be one row of `acts.cols` values in `format`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_quantized(format: Format, w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
+    assert!(w.len() == format.bytes_for(1, acts.cols) && (first + out.len()) * acts.cols <= acts.q.len());
+    let nblocks = acts.cols / format.block_len();
+    let mut i = 0;
+    while i < out.len() {
+        let (f, o) = (first + i, &mut out[i..]);
+        macro_rules! run {
+            ($g:literal) => {{
+                let r = match format {
+                    Format::Q8_0 => q8_0_group::<$g>(w.as_ptr(), nblocks, acts, f),
+                    Format::Q4K => q4k_group::<$g>(w.as_ptr(), nblocks, acts, f),
+                    _ => unreachable!("dot_quantized: {format} is not an integer format"),
+                };
+                o[..$g].copy_from_slice(&r);
+                $g
+            }};
+        }
+        i += match o.len() {
+            1 => run!(1),
+            2 => run!(2),
+            3 => run!(3),
+            _ => run!(4),
+        };
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use dsvl2_processor::{Conversation, Message};
 
 use super::generate::SamplingArgs;
-use crate::runner::{answer, is_broken_pipe, load_model, open_model, LoadedModel};
+use crate::runner::{answer, is_broken_pipe, load_model, open_model, LoadArgs, LoadedModel};
 
 #[derive(clap::Args, Debug)]
 pub struct ChatArgs {
@@ -23,6 +23,9 @@ pub struct ChatArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 const HELP: &str = "Type a message and press Enter. Commands: /image PATH (attach an image to your next \
@@ -52,7 +55,7 @@ impl Session {
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
     let limits = args.sampling.limits();
-    let loaded = load_model(open_model(&args.model)?)?;
+    let loaded = load_model(open_model(&args.model)?, &args.load.options())?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("{HELP}");

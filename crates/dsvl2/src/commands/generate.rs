@@ -11,7 +11,7 @@ use dsvl2_processor::{annotate, save_png};
 use serde::Serialize;
 
 use super::request::RequestArgs;
-use crate::runner::{answer, clock_seed, load_model, peak_rss_bytes, Limits, Timings};
+use crate::runner::{answer, clock_seed, load_model, peak_rss_bytes, Limits, LoadArgs, Timings};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -20,6 +20,9 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
 
     /// Print one JSON object at the end (prompt_tokens, output_tokens, text, finish_reason,
     /// num_image_tokens, seed, timings) instead of streaming text. Default: off.
@@ -135,7 +138,7 @@ struct ReportTimings {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
-    let loaded = load_model(args.request.open_model()?)?;
+    let loaded = load_model(args.request.open_model()?, &args.load.options())?;
 
     let started = Instant::now();
     let conversation = args.request.conversation(&loaded.processor.config().image_token)?;

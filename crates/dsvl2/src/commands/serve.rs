@@ -11,7 +11,7 @@ use dsvl2_engine::{Engine, EngineConfig};
 use dsvl2_media::MediaPolicy;
 use dsvl2_server::{AppState, ServerOptions};
 
-use crate::runner::{load_model, open_model, LoadedModel, DEFAULT_MODEL};
+use crate::runner::{load_model, open_model, LoadArgs, LoadedModel, DEFAULT_MODEL};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -19,6 +19,9 @@ pub struct ServeArgs {
     /// downloaded into the Hugging Face cache on first use.
     #[arg(long, value_name = "DIR|REPO", default_value = DEFAULT_MODEL)]
     pub model: String,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
 
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -116,8 +119,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let loading = {
             let state = state.clone();
             let spec = args.model.clone();
+            let load_options = args.load.options();
             tokio::task::spawn_blocking(move || {
-                let result = open_model(&spec).and_then(load_model).map(|loaded| {
+                let result = open_model(&spec).and_then(|dir| load_model(dir, &load_options)).map(|loaded| {
                     let LoadedModel {
                         processor,
                         model,

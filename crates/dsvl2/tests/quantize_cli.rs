@@ -1,0 +1,220 @@
+//! `dsvl2 quantize` end to end: a fixture model written as one GGUF answers exactly like its
+//! folder (f32), a q8_0 GGUF answers like the folder loaded with `--dtype q8_0`, and damaged or
+//! misnamed files are clear errors with exit code 2, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn dsvl2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsvl2"))
+        .args(args)
+        .output()
+        .expect("dsvl2 runs")
+}
+
+fn model(variant: &str) -> String {
+    fixtures().join("models").join(variant).to_string_lossy().into_owned()
+}
+
+fn fixture(rel: &str) -> String {
+    fixtures().join(rel).to_string_lossy().into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed: {}", stderr(out));
+}
+
+/// Fails with exit code 2 and a message containing `needle`, without a panic.
+fn assert_clear_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "should fail cleanly, stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn quantize(model: &str, dtype: &str, out: &Path) -> Output {
+    dsvl2(&[
+        "quantize",
+        "--model",
+        model,
+        "--dtype",
+        dtype,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// The greedy answer (ids and text) to the image prompt.
+fn greedy(model: &str, extra: &[&str]) -> (Vec<u64>, String) {
+    let image = fixture("images/wide_street.png");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "Describe each stage of this <image> in detail.",
+        "--image",
+        &image,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = dsvl2(&args);
+    assert_ok(&out, &format!("generate {args:?}"));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let ids = report["output_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    (ids, report["text"].as_str().unwrap().to_string())
+}
+
+fn reference_ids(variant: &str) -> Vec<u64> {
+    let path = fixtures().join("cases/single_wide").join(format!("{variant}.json"));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn f32_gguf_answers_exactly_like_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for variant in ["tiny-like", "small-like"] {
+        let gguf = dir.path().join(format!("{variant}.gguf"));
+        let out = quantize(&model(variant), "f32", &gguf);
+        assert_ok(&out, "quantize");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), gguf.to_str().unwrap());
+        assert!(!dir.path().join(format!("{variant}.gguf.partial")).exists());
+
+        let from_folder = greedy(&model(variant), &[]);
+        let from_gguf = greedy(gguf.to_str().unwrap(), &[]);
+        assert_eq!(from_gguf, from_folder, "{variant}: the GGUF answers differently");
+        assert_eq!(from_gguf.0[..], reference_ids(variant)[..8], "{variant}");
+    }
+}
+
+#[test]
+fn q8_0_gguf_answers_like_the_folder_loaded_as_q8_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-q8.gguf");
+    assert_ok(&quantize(&model("tiny-like"), "q8_0", &gguf), "quantize q8_0");
+    let safetensors = fixtures().join("models/tiny-like/model.safetensors");
+    assert!(std::fs::metadata(&gguf).unwrap().len() < std::fs::metadata(safetensors).unwrap().len() * 2 / 3);
+    let from_gguf = greedy(gguf.to_str().unwrap(), &[]);
+    assert_eq!(from_gguf.0.len(), 8);
+    let from_folder = greedy(&model("tiny-like"), &["--dtype", "q8_0"]);
+    assert_eq!(from_gguf, from_folder, "GGUF q8_0 vs folder --dtype q8_0");
+
+    // A GGUF converts again (here to f16), its embedded files carried over.
+    let again = dir.path().join("tiny-f16.gguf");
+    assert_ok(&quantize(gguf.to_str().unwrap(), "f16", &again), "quantize a GGUF");
+    let (ids, _) = greedy(again.to_str().unwrap(), &[]);
+    assert_eq!(ids.len(), 8);
+}
+
+#[test]
+fn output_file_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    assert_ok(&quantize(&model("tiny-like"), "f16", &gguf), "quantize");
+    let first = std::fs::metadata(&gguf).unwrap().len();
+
+    assert_clear_error(&quantize(&model("tiny-like"), "f32", &gguf), "exists; pass --force");
+    assert_eq!(
+        std::fs::metadata(&gguf).unwrap().len(),
+        first,
+        "refused run left the file alone"
+    );
+    let forced = dsvl2(&[
+        "quantize",
+        "--model",
+        &model("tiny-like"),
+        "--dtype",
+        "f32",
+        "--out",
+        gguf.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_ok(&forced, "quantize --force");
+    assert!(std::fs::metadata(&gguf).unwrap().len() > first, "f32 replaced f16");
+
+    assert_clear_error(
+        &quantize(&model("tiny-like"), "f32", &dir.path().join("m.safetensors")),
+        "must end in .gguf",
+    );
+    assert_clear_error(&quantize(&model("tiny-like"), "q5", &gguf), "q4_k");
+    assert_clear_error(
+        &quantize("/nonexistent/model.gguf", "f32", &dir.path().join("x.gguf")),
+        "/nonexistent/model.gguf",
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, vec!["m.gguf".to_string()]);
+}
+
+#[test]
+fn damaged_gguf_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("good.gguf");
+    assert_ok(&quantize(&model("tiny-like"), "f32", &gguf), "quantize");
+    let bytes = std::fs::read(&gguf).unwrap();
+
+    let generate = |path: &Path| {
+        dsvl2(&[
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ])
+    };
+
+    // Cut in the tensor data: the header reads, a tensor runs past the end.
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = generate(&truncated);
+    assert_clear_error(&out, "truncated.gguf");
+    assert_clear_error(&out, "past the end");
+
+    // Cut inside the metadata.
+    let header_cut = dir.path().join("header.gguf");
+    std::fs::write(&header_cut, &bytes[..200]).unwrap();
+    assert_clear_error(&generate(&header_cut), "truncated");
+
+    let mut bad = bytes.clone();
+    bad[..4].copy_from_slice(b"GGML");
+    let bad_magic = dir.path().join("magic.gguf");
+    std::fs::write(&bad_magic, &bad).unwrap();
+    assert_clear_error(&generate(&bad_magic), "not a GGUF file");
+
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    assert_clear_error(&generate(&empty), "not a GGUF file");
+
+    assert_clear_error(&generate(&dir.path().join("absent.gguf")), "absent.gguf");
+}
