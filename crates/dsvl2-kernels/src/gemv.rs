@@ -125,6 +125,7 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
     }
     let mut tasks = Vec::new();
     let mut acts = Vec::new();
+    let mut act_keys = Vec::new();
     for job in jobs.iter_mut() {
         job.weight.check_matmul_args(job.x, job.m, job.y);
         let w = job.weight;
@@ -133,11 +134,22 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
         }
         let chunk = rows_per_task(w.rows(), w.row_bytes());
         let y = OutPtr(job.y.as_mut_ptr());
-        acts.push(Acts::new(w.format(), job.x, job.m, w.cols()));
+        // Jobs reading the same activations (an MoE layer's gate/up projections of all experts) share
+        // one conversion of them.
+        let quantized = matches!(w.format(), Format::Q8_0 | Format::Q4K);
+        let key = (job.x.as_ptr(), job.x.len(), job.m, quantized);
+        let a = match act_keys.iter().position(|k| *k == key) {
+            Some(a) => a,
+            None => {
+                act_keys.push(key);
+                acts.push(Acts::new(w.format(), job.x, job.m, w.cols()));
+                acts.len() - 1
+            }
+        };
         for r0 in (0..w.rows()).step_by(chunk) {
             tasks.push(Task {
                 w,
-                acts: acts.len() - 1,
+                acts: a,
                 m: job.m,
                 rows: r0..(r0 + chunk).min(w.rows()),
                 y,

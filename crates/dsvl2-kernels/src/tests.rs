@@ -387,6 +387,30 @@ fn matmul_many_equals_separate_calls() {
 }
 
 #[test]
+fn matmul_many_with_shared_activations() {
+    // MoE decoding: every expert's projection reads the same token activations.
+    let (rows, cols) = (40, 256);
+    let weights: Vec<PackedMatrix> = [Format::Q8_0, Format::Q4K, Format::Q8_0, Format::Bf16]
+        .iter()
+        .enumerate()
+        .map(|(j, &f)| PackedMatrix::from_f32(f, rows, cols, &test_data(rows * cols, 80 + j as u64)).unwrap())
+        .collect();
+    let x = test_data(2 * cols, 81);
+    let mut ys = vec![vec![0f32; 2 * rows]; weights.len()];
+    let mut jobs: Vec<MatmulJob> = weights
+        .iter()
+        .zip(ys.iter_mut())
+        .map(|(weight, y)| MatmulJob { weight, x: &x, m: 2, y })
+        .collect();
+    matmul_many(&mut jobs);
+    for (w, y) in weights.iter().zip(&ys) {
+        let mut expect = vec![0f32; 2 * rows];
+        w.matmul(&x, 2, &mut expect);
+        assert_eq!(&expect, y, "{}", w.format());
+    }
+}
+
+#[test]
 fn bad_inputs_are_errors() {
     let e = PackedMatrix::from_f32(Format::Q4K, 2, 300, &vec![0.0; 600]).unwrap_err();
     assert!(matches!(e, KernelError::UnsupportedCols { .. }));

@@ -185,10 +185,13 @@ pub fn fma_peak_with(seconds: f64, runs: usize) -> f64 {
     (threads as u64 * iters * kernel.flops_per_iter()) as f64 / best / 1e9
 }
 
-/// The instructions [`fma_peak_gflops`] measures with: `avx2+fma` (the widest the matmul kernels
-/// use: gemm's AVX-512 path is not enabled) or `scalar`.
+/// The instructions [`fma_peak_gflops`] measures with: the widest f32 FMA the CPU has, which is
+/// also what the matmul kernels use (gemm dispatches to AVX-512 at run time where present):
+/// `avx512f`, `avx2+fma` or `scalar`.
 pub fn fma_isa() -> &'static str {
     match FmaKernel::detect() {
+        #[cfg(target_arch = "x86_64")]
+        FmaKernel::Avx512 => "avx512f",
         #[cfg(target_arch = "x86_64")]
         FmaKernel::Avx2Fma => "avx2+fma",
         FmaKernel::Scalar => "scalar",
@@ -197,6 +200,8 @@ pub fn fma_isa() -> &'static str {
 
 #[derive(Clone, Copy)]
 enum FmaKernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
     Scalar,
@@ -209,6 +214,10 @@ const ACCUMULATORS: usize = 12;
 impl FmaKernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return FmaKernel::Avx512;
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             return FmaKernel::Avx2Fma;
         }
@@ -219,6 +228,8 @@ impl FmaKernel {
     fn flops_per_iter(self) -> u64 {
         match self {
             #[cfg(target_arch = "x86_64")]
+            FmaKernel::Avx512 => (ACCUMULATORS * 16 * 2) as u64,
+            #[cfg(target_arch = "x86_64")]
             FmaKernel::Avx2Fma => (ACCUMULATORS * 8 * 2) as u64,
             FmaKernel::Scalar => (ACCUMULATORS * 2) as u64,
         }
@@ -226,6 +237,9 @@ impl FmaKernel {
 
     fn run(self, iters: u64) -> f32 {
         match self {
+            // SAFETY: AVX-512F was detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            FmaKernel::Avx512 => unsafe { fma_loop_avx512(iters) },
             // SAFETY: AVX2 and FMA were detected at run time.
             #[cfg(target_arch = "x86_64")]
             FmaKernel::Avx2Fma => unsafe { fma_loop_avx2(iters) },
@@ -258,6 +272,29 @@ unsafe fn fma_loop_avx2(iters: u64) -> f32 {
     // SAFETY: `lanes` is 32 bytes.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
     lanes.iter().sum()
+}
+
+/// [`fma_loop_avx2`] on 512-bit registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(black_box(0.999_99));
+    let b = _mm512_set1_ps(black_box(0.000_01));
+    let mut acc = [_mm512_setzero_ps(); ACCUMULATORS];
+    for (i, x) in acc.iter_mut().enumerate() {
+        *x = _mm512_set1_ps(i as f32 * 0.01);
+    }
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for x in acc {
+        sum = _mm512_add_ps(sum, x);
+    }
+    _mm512_reduce_add_ps(sum)
 }
 
 fn fma_loop_scalar(iters: u64) -> f32 {

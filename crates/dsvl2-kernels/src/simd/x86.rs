@@ -195,17 +195,19 @@ pub(crate) unsafe fn dot_multi(w: &[f32], x: &[f32], stride: usize, out: &mut [f
     }
 }
 
-/// Sum of `G` rows' products, per block: `Σ_b scale_b · Σ_{32} qw·qx` with `maddubs` (u8 × i8 pairs
+/// q8_0 row against `G` quantized activation rows, per block: `Σ_b scale_b · Σ_{32} qw·qx` with `maddubs` (u8 × i8 pairs
 /// into i16) and `madd` (pairs into i32). Two accumulators per row (even/odd blocks) keep two FMA
 /// chains in flight when G is small.
 ///
-/// q8_0: `maddubs` needs one unsigned operand, so the weight's sign is moved onto the activation
+/// `maddubs` needs one unsigned operand, so the weight's sign is moved onto the activation
 /// (|w| · sign(x, w)); |w| ≤ 128 and |x| ≤ 127 cannot saturate the i16 pair sums.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedActs, first: usize) -> [f32; G] {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    // Two accumulator sets, for even and odd blocks; indexed statically so they stay in registers.
+    let mut acc0 = [_mm256_setzero_ps(); G];
+    let mut acc1 = [_mm256_setzero_ps(); G];
     let xq: [*const i8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols));
     let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
     let mut b = 0;
@@ -222,20 +224,30 @@ unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedAc
         for g in 0..G {
             _mm256_storeu_ps(scales[g].as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(xd[g].add(b))));
         }
-        for j in 0..n8 {
-            let blk = b + j;
-            let wv = _mm256_loadu_si256(w.add(blk * Q8_0_BYTES + 2) as *const __m256i);
-            let aw = _mm256_sign_epi8(wv, wv);
-            for g in 0..G {
-                let xv = _mm256_loadu_si256(xq[g].add(blk * QK8_0) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
-                let a = &mut acc[g][j & 1];
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scales[g][j]), *a);
-            }
+        macro_rules! block {
+            ($j:expr, $acc:ident) => {{
+                let blk = b + $j;
+                let wv = _mm256_loadu_si256(w.add(blk * Q8_0_BYTES + 2) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                for g in 0..G {
+                    let xv = _mm256_loadu_si256(xq[g].add(blk * QK8_0) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+                    $acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scales[g][$j]), $acc[g]);
+                }
+            }};
+        }
+        let mut j = 0;
+        while j + 2 <= n8 {
+            block!(j, acc0);
+            block!(j + 1, acc1);
+            j += 2;
+        }
+        if j < n8 {
+            block!(j, acc0);
         }
         b += n8;
     }
-    std::array::from_fn(|g| hsum(_mm256_add_ps(acc[g][0], acc[g][1])))
+    std::array::from_fn(|g| hsum(_mm256_add_ps(acc0[g], acc1[g])))
 }
 
 /// ggml's q4_k scale unpacking: the 12 packed bytes → (8 six-bit scales, 8 six-bit mins) as bytes.
