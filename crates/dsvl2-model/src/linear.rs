@@ -106,7 +106,9 @@ impl Linear {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     None,
-    /// GELU, tanh approximation (SigLIP's MLP), the same formula as candle's `gelu`.
+    /// GELU, tanh approximation (SigLIP's MLP): `0.5 x (1 + tanh(u))`, computed as the identical
+    /// `x / (1 + exp(-2u))`, which needs one `exp` instead of libm's much slower `tanhf` (the tanh
+    /// form took 13% of the vision tower's time in a profile).
     GeluTanh,
 }
 
@@ -120,8 +122,8 @@ impl Activation {
             Activation::GeluTanh => y.par_chunks_mut(CHUNK).for_each(|chunk| {
                 for v in chunk {
                     let x = *v;
-                    let inner = SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x);
-                    *v = 0.5 * x * (1.0 + inner.tanh());
+                    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x);
+                    *v = x / (1.0 + (-2.0 * u).exp());
                 }
             }),
         }

@@ -6,6 +6,9 @@ mod runner;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "dsvl2", version, about = "Run DeepSeek-VL2 vision-language models on CPU", long_about = None)]
 struct Cli {

@@ -189,7 +189,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let decode_bytes_per_token = model.decode_bytes_per_token();
     let report = Report {
         model: loaded.dir.root.display().to_string(),
-        dtype: args.load.dtype.to_string(),
+        dtype: stored_dtype(&loaded.dir, args.load.dtype),
         threads: rayon::current_num_threads(),
         cpu_features: probe::cpu_features(),
         load_s: loaded.load_seconds,
@@ -490,5 +490,22 @@ mod tests {
     fn argmax_ignores_nan() {
         assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0, -1.0]), 2);
         assert_eq!(argmax(&[0.5]), 0);
+    }
+}
+
+/// The weight format the report names: `--dtype` for a model folder; for a GGUF (whose formats were
+/// fixed when it was written) the format holding most of its bytes, e.g. `q8_0 (gguf)`.
+fn stored_dtype(dir: &dsvl2_config::ModelDir, requested: dsvl2_model::Format) -> String {
+    let dsvl2_config::WeightFiles::Gguf { tensors, .. } = &dir.weights else {
+        return requested.to_string();
+    };
+    let mut bytes_by_type = std::collections::BTreeMap::<u32, u64>::new();
+    for t in tensors {
+        *bytes_by_type.entry(t.ggml_type).or_default() += t.nbytes;
+    }
+    let dominant = bytes_by_type.into_iter().max_by_key(|&(_, bytes)| bytes).map(|(t, _)| t);
+    match dominant.and_then(dsvl2_model::Format::from_ggml_type) {
+        Some(format) => format!("{format} (gguf)"),
+        None => "gguf".to_string(),
     }
 }
