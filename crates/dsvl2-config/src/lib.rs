@@ -30,7 +30,7 @@ pub mod files {
         TOKENIZER_FILE, WEIGHTS_INDEX_FILE,
     };
 }
-pub use processor::ProcessorConfig;
+pub use processor::{ProcessorConfig, OFFICIAL_CANDIDATE_RESOLUTIONS};
 pub use vl::{GlobalViewPos, ModelConfig, ProjectorConfig, ProjectorType, TileTag, VisionConfig};
 
 use std::path::Path;

@@ -118,3 +118,31 @@ impl ProcessorConfig {
         self.image_mean.map(|m| (m * 255.0).clamp(0.0, 255.0) as u8)
     }
 }
+
+/// The official `candidate_resolutions`: every `[w, h]` multiple of 384 with at most 9 tiles, in
+/// the order of the released config.json files.
+pub const OFFICIAL_CANDIDATE_RESOLUTIONS: [[u32; 2]; 23] = [
+    [384, 384],
+    [384, 768],
+    [768, 384],
+    [384, 1152],
+    [1152, 384],
+    [384, 1536],
+    [1536, 384],
+    [768, 768],
+    [384, 1920],
+    [1920, 384],
+    [384, 2304],
+    [2304, 384],
+    [768, 1152],
+    [1152, 768],
+    [384, 2688],
+    [2688, 384],
+    [384, 3072],
+    [3072, 384],
+    [768, 1536],
+    [1536, 768],
+    [384, 3456],
+    [3456, 384],
+    [1152, 1152],
+];

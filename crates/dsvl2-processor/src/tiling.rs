@@ -137,31 +137,7 @@ pub fn normalize_into(tile: &RgbImage, mean: [f64; 3], std: [f64; 3], normalize:
 mod tests {
     use super::*;
 
-    const OFFICIAL: [[u32; 2]; 23] = [
-        [384, 384],
-        [384, 768],
-        [768, 384],
-        [384, 1152],
-        [1152, 384],
-        [384, 1536],
-        [1536, 384],
-        [768, 768],
-        [384, 1920],
-        [1920, 384],
-        [384, 2304],
-        [2304, 384],
-        [768, 1152],
-        [1152, 768],
-        [384, 2688],
-        [2688, 384],
-        [384, 3072],
-        [3072, 384],
-        [768, 1536],
-        [1536, 768],
-        [384, 3456],
-        [3456, 384],
-        [1152, 1152],
-    ];
+    const OFFICIAL: [[u32; 2]; 23] = dsvl2_config::OFFICIAL_CANDIDATE_RESOLUTIONS;
 
     #[test]
     fn best_resolution_examples_from_the_fixtures() {

@@ -2,42 +2,14 @@
 //! loads (no missing, extra or misshaped tensor) and answers; the bench prints one JSON object
 //! with every field. Benchmarks are not tests: nothing here asserts a speed.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
+use common::{assert_clear_error, assert_ok, dsvl2, fixture, fixtures, stderr};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn fixture(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn dsvl2(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsvl2"))
-        .args(args)
-        .output()
-        .expect("dsvl2 runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed: {}", stderr(out));
-}
-
-/// A clear error: exit code 2, an `error:` line, no panic.
-fn assert_clear_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
 
 /// Writes a random checkpoint for a fixture config into `out`.
 fn random_model(variant: &str, out: &Path, extra: &[&str]) -> Output {

@@ -1,29 +1,10 @@
 //! `dsvl2 generate` end to end: files in, the reference's greedy tokens out; bad requests get a
 //! clear error and exit code 2, never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use common::{dsvl2, fixture, fixtures, model};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn dsvl2(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsvl2"))
-        .args(args)
-        .output()
-        .expect("dsvl2 runs")
-}
-
-fn model(variant: &str) -> String {
-    fixtures().join("models").join(variant).to_string_lossy().into_owned()
-}
-
-fn fixture(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
 
 fn expected_ids(case: &str, variant: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(fixtures().join("cases").join(case).join(format!("{variant}.json"))).unwrap();

@@ -2,45 +2,13 @@
 //! folder (f32), a q8_0 GGUF answers like the folder loaded with `--dtype q8_0`, and damaged or
 //! misnamed files are clear errors with exit code 2, never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_clear_error, assert_ok, dsvl2, fixture, fixtures, model};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn dsvl2(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsvl2"))
-        .args(args)
-        .output()
-        .expect("dsvl2 runs")
-}
-
-fn model(variant: &str) -> String {
-    fixtures().join("models").join(variant).to_string_lossy().into_owned()
-}
-
-fn fixture(rel: &str) -> String {
-    fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed: {}", stderr(out));
-}
-
-/// Fails with exit code 2 and a message containing `needle`, without a panic.
-fn assert_clear_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "should fail cleanly, stderr: {err}");
-    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 fn quantize(model: &str, dtype: &str, out: &Path) -> Output {
     dsvl2(&[

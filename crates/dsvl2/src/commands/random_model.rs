@@ -273,33 +273,6 @@ pub fn checkpoint_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     s.0
 }
 
-/// The official `candidate_resolutions`: every `[w, h]` multiple of 384 with at most 9 tiles, in
-/// the order of the released config.json files.
-const OFFICIAL_RESOLUTIONS: [[u32; 2]; 23] = [
-    [384, 384],
-    [384, 768],
-    [768, 384],
-    [384, 1152],
-    [1152, 384],
-    [384, 1536],
-    [1536, 384],
-    [768, 768],
-    [384, 1920],
-    [1920, 384],
-    [384, 2304],
-    [2304, 384],
-    [768, 1152],
-    [1152, 768],
-    [384, 2688],
-    [2688, 384],
-    [384, 3072],
-    [3072, 384],
-    [768, 1536],
-    [1536, 768],
-    [384, 3456],
-    [3456, 384],
-    [1152, 1152],
-];
 
 /// config.json of an official model, in the released key layout.
 pub fn preset_config(preset: Preset) -> Value {
@@ -382,7 +355,7 @@ pub fn preset_config(preset: Preset) -> Value {
     json!({
         "architectures": ["DeepseekVLV2ForCausalLM"],
         "model_type": "deepseek_vl_v2",
-        "candidate_resolutions": OFFICIAL_RESOLUTIONS,
+        "candidate_resolutions": dsvl2_config::OFFICIAL_CANDIDATE_RESOLUTIONS,
         "global_view_pos": "head",
         "tile_tag": "2D",
         "vision_config": {
