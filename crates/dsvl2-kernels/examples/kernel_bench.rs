@@ -1,5 +1,6 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick]`.
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot]` (`gemv`: only
+//! the GEMV tables, `hot`: only the single-thread hot GEMV table).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -68,6 +69,29 @@ fn memory_bandwidth() -> f64 {
     COLD_BYTES as f64 / t / 1e9
 }
 
+/// CPU time of the calling thread in ns (Linux `CLOCK_THREAD_CPUTIME_ID`), for timings that ignore the
+/// time the thread was not running.
+#[cfg(target_os = "linux")]
+fn thread_cpu_ns() -> Option<u64> {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: libc's clock_gettime writes one timespec (two 64-bit fields on 64-bit Linux).
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0 && cfg!(target_pointer_width = "64")).then(|| ts.sec as u64 * 1_000_000_000 + ts.nsec as u64)
+}
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_ns() -> Option<u64> {
+    None
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -126,6 +150,8 @@ fn candle_matmul_secs(rows: usize, cols: usize, m: usize, cold: bool, reps: usiz
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    let gemv_only = std::env::args().any(|a| a == "gemv");
+    let hot_only = std::env::args().any(|a| a == "hot");
     let reps = if quick { 5 } else { 15 };
     println!(
         "dsvl2-kernels bench: kernels {}, {} rayon threads",
@@ -142,30 +168,40 @@ fn main() {
 
     println!("\n== GEMV, cold weights (weight bytes / time) ==");
     println!(
-        "{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10}",
-        "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=8 GB/s", "m=8 µs"
+        "{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=2 GB/s", "m=4 GB/s", "m=8 GB/s", "m=8 µs"
     );
-    for (name, rows, cols) in [("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)] {
+    let shapes: &[(&str, usize, usize)] = if hot_only {
+        &[]
+    } else {
+        &[("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)]
+    };
+    for &(name, rows, cols) in shapes {
         for format in Format::all() {
             let ws = cold_copies(matrix(format, rows, cols));
             let bytes = ws[0].storage_bytes() as f64;
             let mut res = Vec::new();
-            for m in [1, 8] {
+            for m in [1, 2, 4, 8] {
                 let x = data(m * cols, 1);
                 let mut y = vec![0f32; m * rows];
                 let t = median_secs(reps.max(ws.len()), |i| ws[i % ws.len()].matmul(&x, m, &mut y));
                 res.push((bytes / t / 1e9, t * 1e6));
             }
             println!(
-                "{:<22} {:>6} {:>10.1} {:>10.2} {:>9.0} {:>10.1} {:>10.0}",
+                "{:<22} {:>6} {:>10.1} {:>10.2} {:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>10.0}",
                 name,
                 format.to_string(),
                 res[0].0,
                 res[0].0 / bw,
                 res[0].1,
                 res[1].0,
-                res[1].1
+                res[2].0,
+                res[3].0,
+                res[3].1
             );
+        }
+        if gemv_only {
+            continue;
         }
         for m in [1, 8] {
             let t = candle_matmul_secs(rows, cols, m, true, reps);
@@ -177,6 +213,41 @@ fn main() {
                 t * 1e6
             );
         }
+    }
+
+    // Compute ceiling of the GEMV kernels: one thread, an L2-resident 896x1280 matrix. Timed in CPU time
+    // of that thread (where available), best of 20 batches of 20 calls, so
+    // that other load on the machine matters little.
+    println!("\n== GEMV, hot, 1 thread, 1280->896 (weight GB/s per core of CPU time, best of 20x20) ==");
+    println!("{:<6} {:>8} {:>8} {:>8} {:>8}", "format", "m=1", "m=2", "m=4", "m=8");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    for format in Format::all() {
+        let w = matrix(format, 896, 1280);
+        print!("{:<6}", format.to_string());
+        for m in [1, 2, 4, 8] {
+            let x = data(m * 1280, 1);
+            let mut y = vec![0f32; m * 896];
+            let best = pool.install(|| {
+                (0..20)
+                    .map(|_| {
+                        let (s, c) = (Instant::now(), thread_cpu_ns());
+                        for _ in 0..20 {
+                            w.matmul(&x, m, &mut y);
+                        }
+                        match (c, thread_cpu_ns()) {
+                            (Some(a), Some(b)) => (b - a) as f64 * 1e-9 / 20.0,
+                            _ => s.elapsed().as_secs_f64() / 20.0,
+                        }
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            });
+            print!(" {:>8.1}", w.storage_bytes() as f64 / best / 1e9);
+        }
+        println!();
+    }
+    if gemv_only || hot_only {
+        println!("\nload average at end: {}", load_average());
+        return;
     }
 
     println!("\n== MoE decode: matmul_many over 6 / 16 q8_0 experts (gate+up 1280->896 and down 896->1280), m=1 ==");

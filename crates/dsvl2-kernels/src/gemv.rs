@@ -59,6 +59,19 @@ impl<'a> Acts<'a> {
 /// # Safety
 /// `y` must point at an `m x w.rows()` buffer, and no other thread may touch these elements meanwhile.
 unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std::ops::Range<usize>, y: OutPtr) {
+    if let Acts::Quantized(q) = acts {
+        let bytes = w.row_range_bytes(rows.start, rows.len());
+        isa.gemv_quantized(w.format(), bytes, rows.len(), q, m, y.0.add(rows.start), w.rows());
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Acts::F32(x)) = (isa, acts) {
+        // SAFETY: AVX-512 detected; the sizes were checked by the caller (x: m · cols values, y above).
+        let bytes = w.row_range_bytes(rows.start, rows.len());
+        let (rs, cols) = (rows.start, w.cols());
+        crate::simd::avx512::gemv_float(w.format(), bytes, rows.len(), cols, x, m, y.0.add(rs), w.rows());
+        return;
+    }
     let cols = w.cols();
     let f32_weights = w.f32_view();
     let needs_buf = matches!(acts, Acts::F32(_)) && f32_weights.is_none();
@@ -66,7 +79,7 @@ unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std
     let mut out = vec![0f32; m];
     for r in rows {
         match acts {
-            Acts::Quantized(q) => isa.dot_quantized(w.format(), w.row_range_bytes(r, 1), q, 0, &mut out),
+            Acts::Quantized(_) => unreachable!(),
             Acts::F32(x) => {
                 // Weight row as f32: in place for f32 weights, else dequantized into the (L1-resident) buffer.
                 let wrow: &[f32] = match f32_weights {

@@ -12,19 +12,36 @@ pub(crate) enum Isa {
     /// AVX2 + FMA + F16C, confirmed at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// The AVX2 set plus AVX-512 F/BW/VL/VNNI, confirmed at run time: the q8_0 / q4_k GEMV kernels use
+    /// 512-bit `vpdpbusd`; everything else runs the AVX2 kernels.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
     /// The best instruction set this CPU supports, detected once.
     pub(crate) fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                return Isa::Avx2;
+        *ISA.get_or_init(|| Isa::available().last().copied().unwrap_or(Isa::Scalar))
+    }
+
+    /// Every instruction set this CPU supports, from the portable fallback up to the best (tests run
+    /// each of them).
+    pub(crate) fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            v.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Isa::Avx512);
             }
-            Isa::Scalar
-        })
+        }
+        v
     }
 
     pub(crate) fn name(self) -> &'static str {
@@ -32,6 +49,8 @@ impl Isa {
             Isa::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2+fma+f16c",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512vnni+avx2+fma+f16c",
         }
     }
 
@@ -49,7 +68,7 @@ impl Isa {
             Isa::Scalar => scalar::decode(format, &src[..need], dst),
             // SAFETY: Avx2 is only constructed after the features were detected; sizes checked above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { crate::simd::x86::decode(format, src, dst) },
+            Isa::Avx2 | Isa::Avx512 => unsafe { crate::simd::x86::decode(format, src, dst) },
         }
     }
 
@@ -60,20 +79,53 @@ impl Isa {
             Isa::Scalar => scalar::dot_multi(w, x, stride, out),
             // SAFETY: features detected; dot_multi checks the length of x itself.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { crate::simd::x86::dot_multi(w, x, stride, out) },
+            Isa::Avx2 | Isa::Avx512 => unsafe { crate::simd::x86::dot_multi(w, x, stride, out) },
         }
     }
 
-    /// q8_0 / q4_k weight row (its bytes) against quantized activation rows `first..first + out.len()`.
+    /// q8_0 / q4_k product of `nrows` consecutive weight rows (`w`, their bytes) with all `m` quantized
+    /// activation rows: writes `y[i * y_stride + k]` for `i < m`, `k < nrows`.
+    ///
+    /// # Safety
+    /// `y` must be valid for those writes, and no other thread may access these elements meanwhile.
     #[inline]
-    pub(crate) fn dot_quantized(self, format: Format, w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
-        match (self, format) {
-            (Isa::Scalar, Format::Q8_0) => scalar::dot_q8_0(w, acts, first, out),
-            (Isa::Scalar, Format::Q4K) => scalar::dot_q4k(w, acts, first, out),
-            (Isa::Scalar, _) => unreachable!("dot_quantized: {format} is not an integer format"),
-            // SAFETY: features detected; the kernel checks the row and activation sizes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemv_quantized(
+        self,
+        format: Format,
+        w: &[u8],
+        nrows: usize,
+        acts: &QuantizedActs,
+        m: usize,
+        y: *mut f32,
+        y_stride: usize,
+    ) {
+        let row_bytes = format.bytes_for(1, acts.cols);
+        assert!(
+            matches!(format, Format::Q8_0 | Format::Q4K)
+                && w.len() >= nrows * row_bytes
+                && m * acts.cols <= acts.q.len(),
+            "gemv_quantized: bad arguments"
+        );
+        match self {
+            Isa::Scalar => {
+                let mut out = vec![0f32; m];
+                for k in 0..nrows {
+                    let row = &w[k * row_bytes..(k + 1) * row_bytes];
+                    match format {
+                        Format::Q8_0 => scalar::dot_q8_0(row, acts, 0, &mut out),
+                        _ => scalar::dot_q4k(row, acts, 0, &mut out),
+                    }
+                    for (i, &v) in out.iter().enumerate() {
+                        *y.add(i * y_stride + k) = v;
+                    }
+                }
+            }
+            // SAFETY: features detected; sizes checked above, y by the caller.
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => unsafe { crate::simd::x86::dot_quantized(format, w, acts, first, out) },
+            Isa::Avx2 => crate::simd::x86::gemv_quantized(format, w, nrows, acts, m, y, y_stride),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => crate::simd::avx512::gemv_quantized(format, w, nrows, acts, m, y, y_stride),
         }
     }
 }

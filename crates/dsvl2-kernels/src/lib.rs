@@ -6,7 +6,8 @@
 //!   for all activation rows), dequantized panels + `gemm` for prefill.
 //! * [`matmul_many`]: several small products in one parallel dispatch (MoE experts).
 //!
-//! Kernels are chosen at run time: AVX2 + FMA + F16C on x86-64 when available, portable scalar code
+//! Kernels are chosen at run time: AVX-512 (F/BW/VL/VNNI) or AVX2 + FMA + F16C on x86-64 when
+//! available (and the AVX-512 matmul kernels of `gemm` for large products), portable scalar code
 //! otherwise. See [`cpu_features`].
 
 mod format;
@@ -52,7 +53,7 @@ pub enum KernelError {
     UnknownFormat { name: String, valid: String },
 }
 
-/// The kernel set in use on this CPU: `"avx2+fma+f16c"` or `"scalar"`.
+/// The kernel set in use on this CPU: `"avx512vnni+avx2+fma+f16c"`, `"avx2+fma+f16c"` or `"scalar"`.
 pub fn cpu_features() -> &'static str {
     isa::Isa::detect().name()
 }

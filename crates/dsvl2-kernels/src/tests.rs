@@ -33,12 +33,9 @@ fn test_data(n: usize, seed: u64) -> Vec<f32> {
     v
 }
 
+/// The scalar fallback and every SIMD kernel set this CPU supports (AVX2 and, where present, AVX-512).
 fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Scalar];
-    if Isa::detect() != Isa::Scalar {
-        v.push(Isa::detect());
-    }
-    v
+    Isa::available()
 }
 
 fn candle_blocks<T: GgmlType>(bytes: &[u8]) -> Vec<T> {
@@ -321,13 +318,16 @@ fn gemv_and_gemm_paths_agree_for_every_m() {
 
 #[test]
 fn simd_and_scalar_agree() {
-    if Isa::detect() == Isa::Scalar {
-        return; // nothing to compare on this CPU
+    for isa in isas().into_iter().filter(|&i| i != Isa::Scalar) {
+        simd_and_scalar_agree_for(isa);
     }
+}
+
+fn simd_and_scalar_agree_for(simd_isa: Isa) {
     for format in Format::all() {
         let (rows, cols) = (45, 768);
         let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 30)).unwrap();
-        let simd = dequantize_all(&w, Isa::detect());
+        let simd = dequantize_all(&w, simd_isa);
         let scalar = dequantize_all(&w, Isa::Scalar);
         assert!(
             simd.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -337,7 +337,7 @@ fn simd_and_scalar_agree() {
             let x = test_data(m * cols, 31);
             let mut a = vec![0f32; m * rows];
             let mut b = vec![0f32; m * rows];
-            w.matmul_isa(Isa::detect(), &x, m, &mut a);
+            w.matmul_isa(simd_isa, &x, m, &mut a);
             w.matmul_isa(Isa::Scalar, &x, m, &mut b);
             // Both are f32 sums in different orders: compare on the scale of Σ|w·x| (see max_rel_err).
             let mag = magnitudes(&w, &x, m);
@@ -346,6 +346,45 @@ fn simd_and_scalar_agree() {
                     (p - q).abs() as f64 <= 4e-6 * mag[i],
                     "{format} m={m} at {i}: {p} vs {q}"
                 );
+            }
+        }
+    }
+}
+
+/// The GEMV kernels on shapes that exercise every tile: row counts that leave 1–3 rows after the 4- and
+/// 2-row tiles, every `m` up to 9 (activation groups of 1–4), q8_0 rows whose block count is not a
+/// multiple of 8 or even of 2, and f16/bf16 rows that end in a partial vector.
+#[test]
+fn gemv_tiles_match_scalar() {
+    for isa in isas().into_iter().filter(|&i| i != Isa::Scalar) {
+        let shapes = [
+            (Format::Q8_0, 416),
+            (Format::Q8_0, 96),
+            (Format::Q8_0, 32),
+            (Format::Q4K, 512),
+            (Format::F16, 100),
+            (Format::F16, 48),
+            (Format::Bf16, 7),
+            (Format::Bf16, 64),
+            (Format::F32, 100),
+        ];
+        for (format, cols) in shapes {
+            for rows in [1, 2, 3, 5, 7, 11] {
+                let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 40)).unwrap();
+                for m in 1..=9 {
+                    let x = test_data(m * cols, 41 + m as u64);
+                    let mut a = vec![f32::NAN; m * rows];
+                    let mut b = vec![f32::NAN; m * rows];
+                    gemv::gemv(isa, &w, &x, m, &mut a);
+                    gemv::gemv(Isa::Scalar, &w, &x, m, &mut b);
+                    let mag = magnitudes(&w, &x, m);
+                    for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                        assert!(
+                            (p - q).abs() as f64 <= 4e-6 * mag[i],
+                            "{isa:?} {format} {rows}x{cols} m={m} at {i}: {p} vs {q}"
+                        );
+                    }
+                }
             }
         }
     }

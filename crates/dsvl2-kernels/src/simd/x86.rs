@@ -14,7 +14,7 @@ use crate::quant::{scale_min_k4, QuantizedActs};
 /// into the previous register value and chains every block's conversion to the last one.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_pair_at(p: *const u8) -> (f32, f32) {
+pub(crate) unsafe fn f16_pair_at(p: *const u8) -> (f32, f32) {
     let v = _mm_cvtph_ps(_mm_loadu_si32(p));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
@@ -215,11 +215,7 @@ unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedAc
         // Eight blocks' scales at once (see `decode`), multiplied by the activation blocks' scales
         // (`acts.d` rows are padded to a multiple of 8, so the 8-wide load stays in bounds).
         let n8 = (nb - b).min(8);
-        let mut bits = [0u16; 8];
-        for (j, v) in bits.iter_mut().enumerate().take(n8) {
-            *v = std::ptr::read_unaligned(w.add((b + j) * Q8_0_BYTES) as *const u16);
-        }
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+        let dw = q8_0_scales8(w.add(b * Q8_0_BYTES), n8);
         let mut scales = [[0f32; 8]; G];
         for g in 0..G {
             _mm256_storeu_ps(scales[g].as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(xd[g].add(b))));
@@ -250,9 +246,27 @@ unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedAc
     std::array::from_fn(|g| hsum(_mm256_add_ps(acc0[g], acc1[g])))
 }
 
+/// The f16 scales of `n ≤ 8` consecutive q8_0 blocks at `w` as f32 (zero beyond `n`). They are packed
+/// in general-purpose registers: storing them to a stack array and loading that as one vector stalls
+/// on store forwarding.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_0_scales8(w: *const u8, n: usize) -> __m256 {
+    let bits = |j: usize| -> u64 {
+        if j < n {
+            std::ptr::read_unaligned(w.add(j * Q8_0_BYTES) as *const u16) as u64
+        } else {
+            0
+        }
+    };
+    let lo = bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48;
+    let hi = bits(4) | bits(5) << 16 | bits(6) << 32 | bits(7) << 48;
+    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+}
+
 /// ggml's q4_k scale unpacking: the 12 packed bytes → (8 six-bit scales, 8 six-bit mins) as bytes.
 #[inline]
-unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
+pub(crate) unsafe fn q4k_scales_mins(p: *const u8) -> (u64, u64) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
@@ -318,34 +332,49 @@ unsafe fn q4k_group<const G: usize>(w: *const u8, nsb: usize, acts: &QuantizedAc
     std::array::from_fn(|g| hsum(_mm256_add_ps(acc[g][0], acc[g][1])))
 }
 
-/// One q8_0 / q4_k weight row (`w`, its bytes) against quantized activation rows
-/// `first..first + out.len()`.
+/// q8_0 / q4_k product of `nrows` consecutive weight rows (`w`) with all `m` quantized activation rows:
+/// `y[i * y_stride + k]` for `i < m`, `k < nrows`. One call per task, so the per-row work is only the
+/// kernel itself.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `w` must be one row of `acts.cols` values in `format`.
+/// AVX2, FMA and F16C must be available; `w` must hold `nrows` rows of `acts.cols` values in `format`,
+/// `acts` at least `m` rows, and `y` must be valid for the writes.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_quantized(format: Format, w: &[u8], acts: &QuantizedActs, first: usize, out: &mut [f32]) {
-    assert!(w.len() == format.bytes_for(1, acts.cols) && (first + out.len()) * acts.cols <= acts.q.len());
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_quantized(
+    format: Format,
+    w: &[u8],
+    nrows: usize,
+    acts: &QuantizedActs,
+    m: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    let row_bytes = format.bytes_for(1, acts.cols);
+    debug_assert!(w.len() >= nrows * row_bytes && m * acts.cols <= acts.q.len());
     let nblocks = acts.cols / format.block_len();
-    let mut i = 0;
-    while i < out.len() {
-        let (f, o) = (first + i, &mut out[i..]);
-        macro_rules! run {
-            ($g:literal) => {{
-                let r = match format {
-                    Format::Q8_0 => q8_0_group::<$g>(w.as_ptr(), nblocks, acts, f),
-                    Format::Q4K => q4k_group::<$g>(w.as_ptr(), nblocks, acts, f),
-                    _ => unreachable!("dot_quantized: {format} is not an integer format"),
-                };
-                o[..$g].copy_from_slice(&r);
-                $g
-            }};
+    for k in 0..nrows {
+        let wr = w.as_ptr().add(k * row_bytes);
+        let mut i = 0;
+        while i < m {
+            macro_rules! run {
+                ($g:literal) => {{
+                    let r = match format {
+                        Format::Q8_0 => q8_0_group::<$g>(wr, nblocks, acts, i),
+                        _ => q4k_group::<$g>(wr, nblocks, acts, i),
+                    };
+                    for (g, v) in r.into_iter().enumerate() {
+                        *y.add((i + g) * y_stride + k) = v;
+                    }
+                    $g
+                }};
+            }
+            i += match m - i {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                _ => run!(4),
+            };
         }
-        i += match o.len() {
-            1 => run!(1),
-            2 => run!(2),
-            3 => run!(3),
-            _ => run!(4),
-        };
     }
 }
