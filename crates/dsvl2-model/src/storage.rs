@@ -4,9 +4,11 @@
 
 use dsvl2_kernels::Format;
 
-/// Float tensors with at least this many elements are stored as f16 when a compact format is
-/// requested (the token embedding: only one row per token is ever read, so f16 halves its memory
-/// for free). Smaller ones (norms, biases, position embeddings) stay f32.
+/// Float tensors with at least this many elements (the token embedding) are stored as bf16 when a
+/// compact format is requested: the official checkpoints are bf16, so this halves a GGUF's copy
+/// losslessly (f16 would round the smallest values: a q8_0 GGUF with an f16 embedding drifted from
+/// the same weights loaded from the folder after 61 greedy tokens). Smaller ones (norms, biases,
+/// position embeddings) stay f32.
 const LARGE_FLOAT_TENSOR: usize = 1 << 20;
 
 /// Linear-layer weights `[out, in]`: every 2-D `*.weight` except the token embedding (a lookup
@@ -35,7 +37,7 @@ pub fn storage_format(name: &str, shape: &[usize], requested: Format) -> Format 
     }
     let elements: usize = shape.iter().product();
     if requested != Format::F32 && elements >= LARGE_FLOAT_TENSOR {
-        Format::F16
+        Format::Bf16
     } else {
         Format::F32
     }
@@ -61,7 +63,7 @@ mod tests {
         let norm = "language.model.norm.weight";
         assert_eq!(storage_format(norm, &[1280], Format::Q4K), Format::F32);
         let embed = "language.model.embed_tokens.weight";
-        assert_eq!(storage_format(embed, &[129280, 1280], Format::Q4K), Format::F16);
+        assert_eq!(storage_format(embed, &[129280, 1280], Format::Q4K), Format::Bf16);
         assert_eq!(storage_format(embed, &[129280, 1280], Format::F32), Format::F32);
     }
 }

@@ -6,13 +6,16 @@
 //! q4_k falls back to q8_0 for most layers here (the storage rule; only a projector input of 256
 //! takes q4_k), and the 48-wide vision towers to f16.
 //!
-//! Measured (2026-12-01): f16 100%, bf16 99.7%, q8_0 96.5%, q4_k request 94.6% of 648 steps. The
+//! Measured (2026-12-01, with the integer-dot kernels that quantize activations to 8 bits): f16
+//! 100%, bf16 99.7%, q8_0 96.0%, q4_k request 94.1% of 648 steps (with f32 activations against
+//! the same weights, q8_0 gave 96.5%: most of the loss is the weights' rounding). The
 //! q8_0 figure is below the 99% we aimed for, and it is the format, not the kernels: the
 //! reference's own logits on these random-weight models have a top-1/top-2 gap under 0.08-0.19
 //! (logit std ~4) at 10% of the steps, and q8_0's per-weight rounding (~0.5% of a weight's scale)
 //! moves logits by about that much after a few layers. No single layer kind is to blame (keeping
 //! any one of lm_head, attention, experts, vision or projector in f16 changes agreement by at most
-//! 1.4 points). The thresholds below are those measurements less a margin, so a kernel or storage
+//! 1.4 points). The thresholds below are those measurements less a margin (summation order differs
+//! between the AVX2 and AVX-512 kernels, which can flip a near-tie), so a kernel or storage
 //! regression (which moves logits far more than rounding) fails.
 
 mod common;
@@ -79,12 +82,12 @@ fn check_format(format: Format, min_agreement: f64) {
 
 #[test]
 fn q8_0_agrees_with_the_reference() {
-    check_format(Format::Q8_0, 0.95);
+    check_format(Format::Q8_0, 0.94);
 }
 
 #[test]
 fn q4_k_request_agrees_with_the_reference() {
-    check_format(Format::Q4K, 0.93);
+    check_format(Format::Q4K, 0.92);
 }
 
 #[test]
