@@ -193,7 +193,8 @@ impl Moe {
 
     /// `x`: `[tokens, hidden]`. Tokens are grouped by expert, so each chosen expert runs once per
     /// call on all its tokens, and all experts (with the shared ones) run in the same parallel
-    /// dispatches. The sum is taken in the reference's order: routed experts by index, then shared.
+    /// dispatches. Each token's routed outputs are summed in expert-index order (the reference sums
+    /// in top-k order: the same value up to float rounding), then the shared experts are added.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (tokens, d) = x.dims2()?;
         let routing = self.router.route(x)?;
