@@ -444,6 +444,23 @@ impl ProcessClock {
     }
 }
 
+/// The weight format the report names: `--dtype` for a model folder; for a GGUF (whose formats were
+/// fixed when it was written) the format holding most of its bytes, e.g. `q8_0 (gguf)`.
+fn stored_dtype(dir: &dsvl2_config::ModelDir, requested: dsvl2_model::Format) -> String {
+    let dsvl2_config::WeightFiles::Gguf { tensors, .. } = &dir.weights else {
+        return requested.to_string();
+    };
+    let mut bytes_by_type = std::collections::BTreeMap::<u32, u64>::new();
+    for t in tensors {
+        *bytes_by_type.entry(t.ggml_type).or_default() += t.nbytes;
+    }
+    let dominant = bytes_by_type.into_iter().max_by_key(|&(_, bytes)| bytes).map(|(t, _)| t);
+    match dominant.and_then(dsvl2_model::Format::from_ggml_type) {
+        Some(format) => format!("{format} (gguf)"),
+        None => "gguf".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,22 +507,5 @@ mod tests {
     fn argmax_ignores_nan() {
         assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0, -1.0]), 2);
         assert_eq!(argmax(&[0.5]), 0);
-    }
-}
-
-/// The weight format the report names: `--dtype` for a model folder; for a GGUF (whose formats were
-/// fixed when it was written) the format holding most of its bytes, e.g. `q8_0 (gguf)`.
-fn stored_dtype(dir: &dsvl2_config::ModelDir, requested: dsvl2_model::Format) -> String {
-    let dsvl2_config::WeightFiles::Gguf { tensors, .. } = &dir.weights else {
-        return requested.to_string();
-    };
-    let mut bytes_by_type = std::collections::BTreeMap::<u32, u64>::new();
-    for t in tensors {
-        *bytes_by_type.entry(t.ggml_type).or_default() += t.nbytes;
-    }
-    let dominant = bytes_by_type.into_iter().max_by_key(|&(_, bytes)| bytes).map(|(t, _)| t);
-    match dominant.and_then(dsvl2_model::Format::from_ggml_type) {
-        Some(format) => format!("{format} (gguf)"),
-        None => "gguf".to_string(),
     }
 }
