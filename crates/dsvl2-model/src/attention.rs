@@ -10,11 +10,11 @@ use dsvl2_config::LanguageConfig;
 
 use crate::cache::{GrowingTensor, LayerCache};
 use crate::linear::{f32_rows, with_f32_slice, Linear};
-use rayon::prelude::*;
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
+use rayon::prelude::*;
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
@@ -89,7 +89,8 @@ impl Attention {
                     QueryProjection::Plain(l) => l.weight_bytes(),
                     QueryProjection::LowRank { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
                 };
-                let absorbed = (a.w_uk.elem_count() + a.w_uv_t.elem_count()) as u64 * a.w_uk.dtype().size_in_bytes() as u64;
+                let absorbed =
+                    (a.w_uk.elem_count() + a.w_uv_t.elem_count()) as u64 * a.w_uk.dtype().size_in_bytes() as u64;
                 q + a.kv_a.weight_bytes() + a.o.weight_bytes() + absorbed
             }
         }

@@ -27,8 +27,8 @@ pub use language::LanguageModel;
 pub use linear::Linear;
 pub use projector::Projector;
 pub use sampling::{Sampler, SamplingParams};
-pub use vision::VisionTower;
 pub use storage::{is_linear_weight, storage_format};
+pub use vision::VisionTower;
 pub use vl::{DeepseekVl2, ImageInputs, LayerTrace, LoadOptions};
 pub use weights::Weights;
 

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
-use rayon::prelude::*;
 use dsvl2_kernels::{Format, MatmulJob, PackedMatrix};
+use rayon::prelude::*;
 
 use crate::storage::linear_format;
 use crate::{ModelError, Weights};
@@ -25,7 +25,11 @@ impl Linear {
     pub fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self, ModelError> {
         let weight = w.get_matrix(&format!("{prefix}.weight"), out_dim, in_dim)?;
         let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[out_dim])?.to_dtype(DType::F32)?.to_vec1()?)
+            Some(
+                w.get(&format!("{prefix}.bias"), &[out_dim])?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            )
         } else {
             None
         };

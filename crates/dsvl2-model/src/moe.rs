@@ -26,7 +26,9 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let d = self.gate.in_dim();
         let rows = x.elem_count() / d;
-        let y = forward_mlps(&[self], &[&f32_rows(x)?]).pop().expect("one MLP, one output");
+        let y = forward_mlps(&[self], &[&f32_rows(x)?])
+            .pop()
+            .expect("one MLP, one output");
         Tensor::from_vec(y, (rows, self.down.out_dim()), x.device())
     }
 
@@ -208,7 +210,13 @@ impl Moe {
         let active: Vec<usize> = (0..self.experts.len()).filter(|&e| !assigned[e].is_empty()).collect();
         let gathered: Vec<Vec<f32>> = active
             .iter()
-            .map(|&e| assigned[e].iter().flat_map(|&(t, _)| &xs[t * d..(t + 1) * d]).copied().collect())
+            .map(|&e| {
+                assigned[e]
+                    .iter()
+                    .flat_map(|&(t, _)| &xs[t * d..(t + 1) * d])
+                    .copied()
+                    .collect()
+            })
             .collect();
         let mut mlps: Vec<&Mlp> = active.iter().map(|&e| &self.experts[e]).collect();
         let mut inputs: Vec<&[f32]> = gathered.iter().map(Vec::as_slice).collect();

@@ -52,7 +52,10 @@ mod tests {
         let name = "language.model.layers.1.mlp.experts.0.down_proj.weight";
         assert_eq!(storage_format(name, &[1280, 896], Format::Q4K), Format::Q8_0);
         assert_eq!(storage_format(name, &[1280, 1024], Format::Q4K), Format::Q4K);
-        assert_eq!(storage_format("vision.blocks.0.mlp.fc2.weight", &[1152, 4304], Format::Q8_0), Format::F16);
+        assert_eq!(
+            storage_format("vision.blocks.0.mlp.fc2.weight", &[1152, 4304], Format::Q8_0),
+            Format::F16
+        );
         assert_eq!(storage_format(name, &[1280, 896], Format::Bf16), Format::Bf16);
     }
 

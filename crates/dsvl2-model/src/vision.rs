@@ -103,7 +103,9 @@ impl VisionTower {
         let mut x = self.patch_embed.forward(&patches)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
             x = (&x + self.attention(block, &block.norm1.forward(&x)?)?)?;
-            let h = block.fc1.forward_then(&block.norm2.forward(&x)?, Activation::GeluTanh)?;
+            let h = block
+                .fc1
+                .forward_then(&block.norm2.forward(&x)?, Activation::GeluTanh)?;
             x = (&x + block.fc2.forward(&h)?)?;
         }
         self.norm.forward(&x)

@@ -38,7 +38,9 @@ fn teacher_forced_agreement(root: &Path, variant: &str, format: Format) -> (usiz
         let expected = read_json(&case_dir.join(format!("{variant}.json")));
         let generated: Vec<u32> = serde_json::from_value(expected["generated_ids"].clone()).unwrap();
         let inputs = CaseInputs::load(&case_dir);
-        let embeds = model.embed_inputs(&inputs.ids, &inputs.mask, inputs.images(), None).unwrap();
+        let embeds = model
+            .embed_inputs(&inputs.ids, &inputs.mask, inputs.images(), None)
+            .unwrap();
         let mut cache = model.new_cache();
         let mut logits = model.forward_embeds(&embeds, &mut cache, None).unwrap();
         for (i, &reference) in generated.iter().enumerate() {
@@ -72,7 +74,11 @@ fn check_format(format: Format, min_agreement: f64) {
         steps += s;
     }
     let ratio = agree as f64 / steps as f64;
-    println!("{}\n{format}: top-1 agreement {agree}/{steps} = {:.2}%", lines.join("\n"), 100.0 * ratio);
+    println!(
+        "{}\n{format}: top-1 agreement {agree}/{steps} = {:.2}%",
+        lines.join("\n"),
+        100.0 * ratio
+    );
     assert!(steps > 100, "too few steps ({steps}) to measure agreement");
     assert!(
         ratio >= min_agreement,

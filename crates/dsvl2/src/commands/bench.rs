@@ -454,7 +454,10 @@ fn stored_dtype(dir: &dsvl2_config::ModelDir, requested: dsvl2_model::Format) ->
     for t in tensors {
         *bytes_by_type.entry(t.ggml_type).or_default() += t.nbytes;
     }
-    let dominant = bytes_by_type.into_iter().max_by_key(|&(_, bytes)| bytes).map(|(t, _)| t);
+    let dominant = bytes_by_type
+        .into_iter()
+        .max_by_key(|&(_, bytes)| bytes)
+        .map(|(t, _)| t);
     match dominant.and_then(dsvl2_model::Format::from_ggml_type) {
         Some(format) => format!("{format} (gguf)"),
         None => "gguf".to_string(),

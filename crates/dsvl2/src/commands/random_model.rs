@@ -273,7 +273,6 @@ pub fn checkpoint_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     s.0
 }
 
-
 /// config.json of an official model, in the released key layout.
 pub fn preset_config(preset: Preset) -> Value {
     // Keys every released language_config shares.

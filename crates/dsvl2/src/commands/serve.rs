@@ -121,20 +121,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let spec = args.model.clone();
             let load_options = args.load.options();
             tokio::task::spawn_blocking(move || {
-                let result = open_model(&spec).and_then(|dir| load_model(dir, &load_options)).map(|loaded| {
-                    let LoadedModel {
-                        processor,
-                        model,
-                        load_seconds,
-                        ..
-                    } = loaded;
-                    let processor = Arc::new(processor);
-                    (
-                        Engine::start(model, processor.clone(), engine_config),
-                        processor,
-                        load_seconds,
-                    )
-                });
+                let result = open_model(&spec)
+                    .and_then(|dir| load_model(dir, &load_options))
+                    .map(|loaded| {
+                        let LoadedModel {
+                            processor,
+                            model,
+                            load_seconds,
+                            ..
+                        } = loaded;
+                        let processor = Arc::new(processor);
+                        (
+                            Engine::start(model, processor.clone(), engine_config),
+                            processor,
+                            load_seconds,
+                        )
+                    });
                 match result {
                     Ok((engine, processor, seconds)) => {
                         state.set_ready(engine, processor);
