@@ -25,6 +25,23 @@ impl AlignedBytes {
         }
     }
 
+    /// A copy of `bytes`, made in one parallel pass (zeroing first and then copying would write
+    /// every byte twice, which showed as a fifth of a GGUF load's time).
+    fn copy_of(bytes: &[u8]) -> Self {
+        let lines = bytes
+            .par_chunks(64)
+            .map(|chunk| {
+                let mut line = Line([0; 64]);
+                line.0[..chunk.len()].copy_from_slice(chunk);
+                line
+            })
+            .collect();
+        AlignedBytes {
+            lines,
+            len: bytes.len(),
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
         // SAFETY: `lines` owns at least `len` initialised bytes and `Line` has no padding.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.len) }
@@ -116,13 +133,11 @@ impl PackedMatrix {
                 got: bytes.len(),
             });
         }
-        let mut out = AlignedBytes::zeroed(expected);
-        out.as_mut_slice().copy_from_slice(bytes);
         Ok(PackedMatrix {
             format,
             rows,
             cols,
-            data: out,
+            data: AlignedBytes::copy_of(bytes),
         })
     }
 

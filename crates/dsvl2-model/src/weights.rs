@@ -184,6 +184,8 @@ impl Weights {
         let elements: usize = entry.shape.iter().product();
         let values = match entry.stored {
             Stored::Float(format) => decode_floats(format, bytes),
+            // GGUF float tensors: decoded straight from the file, like safetensors ones.
+            Stored::Blocks(format) if format.block_len() == 1 => decode_floats(format, bytes),
             Stored::Blocks(format) => {
                 let cols = entry.shape.last().copied().unwrap_or(1);
                 let rows = elements / cols.max(1);
