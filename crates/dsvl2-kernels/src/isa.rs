@@ -19,10 +19,38 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The best instruction set this CPU supports, detected once.
+    /// The best instruction set this CPU supports, detected once. The environment variable
+    /// `DSVL2_KERNELS=scalar|avx2|avx512` caps it (to measure or rule out a kernel set on a bigger CPU;
+    /// a set the CPU lacks is never chosen, and an unknown value is ignored with a warning).
     pub(crate) fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| Isa::available().last().copied().unwrap_or(Isa::Scalar))
+        *ISA.get_or_init(|| {
+            let available = Isa::available();
+            let cap = std::env::var("DSVL2_KERNELS").ok();
+            let chosen = cap
+                .as_deref()
+                .and_then(|name| {
+                    let found = available.iter().position(|isa| isa.short_name() == name);
+                    if found.is_none() {
+                        let names: Vec<&str> = available.iter().map(|isa| isa.short_name()).collect();
+                        tracing::warn!("DSVL2_KERNELS={name:?} ignored: this CPU offers {}", names.join(", "));
+                    }
+                    found
+                })
+                .map_or(available.len() - 1, |i| i);
+            available[chosen]
+        })
+    }
+
+    /// The value of `DSVL2_KERNELS` that selects this set.
+    fn short_name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+        }
     }
 
     /// Every instruction set this CPU supports, from the portable fallback up to the best (tests run

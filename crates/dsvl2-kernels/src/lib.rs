@@ -5,11 +5,13 @@
 //!   [`PackedMatrix::matmul`] computing `y = x · Wᵀ`: GEMV kernels for decoding (weights streamed once
 //!   for all activation rows), dequantized panels + `gemm` for prefill.
 //! * [`matmul_many`]: several small products in one parallel dispatch (MoE experts).
+//! * [`decode_attention`]: one query row per head over a sequence's cache, split over positions.
 //!
 //! Kernels are chosen at run time: AVX-512 (F/BW/VL/VNNI) or AVX2 + FMA + F16C on x86-64 when
 //! available (and the AVX-512 matmul kernels of `gemm` for large products), portable scalar code
 //! otherwise. See [`cpu_features`].
 
+mod attention;
 mod format;
 mod gemm;
 mod gemv;
@@ -21,6 +23,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
+pub use attention::{decode_attention, AttentionShape};
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
 pub use packed::PackedMatrix;

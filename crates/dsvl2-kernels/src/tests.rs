@@ -4,9 +4,10 @@
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
 use half::{bf16, f16};
 
+use crate::attention::decode_attention_isa;
 use crate::isa::Isa;
 use crate::quant::QuantizedActs;
-use crate::{gemm, gemv, matmul_many, Format, KernelError, MatmulJob, PackedMatrix};
+use crate::{gemm, gemv, matmul_many, AttentionShape, Format, KernelError, MatmulJob, PackedMatrix};
 
 /// Deterministic pseudo-random data (xorshift64*), roughly Gaussian (sum of 4 uniforms), with a few
 /// outliers and some all-zero / constant blocks so the quantizers' edge cases are exercised.
@@ -515,4 +516,96 @@ fn empty_shapes() {
     let w = PackedMatrix::from_f32(Format::F32, 3, 8, &[1.0; 24]).unwrap();
     w.matmul(&[], 0, &mut []);
     assert!(!crate::cpu_features().is_empty());
+}
+
+/// f64 softmax attention of one query per head, the oracle for `decode_attention`.
+fn attention_reference(q: &[f32], keys: &[f32], values: &[f32], len: usize, s: &AttentionShape) -> Vec<f64> {
+    let group = s.heads / s.kv_heads;
+    let mut out = vec![0f64; s.heads * s.value_dim];
+    for h in 0..s.heads {
+        let g = h / group;
+        let scores: Vec<f64> = (0..len)
+            .map(|j| {
+                let k = &keys[j * s.key_stride + g * s.key_dim..][..s.key_dim];
+                let qh = &q[h * s.key_dim..(h + 1) * s.key_dim];
+                qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * s.scale as f64
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+        for (j, x) in scores.iter().enumerate() {
+            let p = (x - max).exp() / sum;
+            let v = &values[j * s.value_stride + g * s.value_dim..][..s.value_dim];
+            for (o, &v) in out[h * s.value_dim..(h + 1) * s.value_dim].iter_mut().zip(v) {
+                *o += p * v as f64;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn decode_attention_matches_f64_reference() {
+    // (heads, kv_heads, key_dim, value_dim): MHA, grouped queries, and MLA's shared latent head whose
+    // values are the first `value_dim` floats of each key row.
+    let mha = |heads, kv, dim| AttentionShape {
+        heads,
+        kv_heads: kv,
+        key_dim: dim,
+        value_dim: dim,
+        key_stride: kv * dim,
+        value_stride: kv * dim,
+        scale: 1.0 / (dim as f32).sqrt(),
+    };
+    let mla = AttentionShape {
+        heads: 4,
+        kv_heads: 1,
+        key_dim: 40,
+        value_dim: 32,
+        key_stride: 40,
+        value_stride: 40,
+        scale: 0.15,
+    };
+    for isa in isas() {
+        for (shape, shared) in [(mha(4, 4, 24), false), (mha(6, 2, 19), false), (mla, true)] {
+            for len in [1, 2, 7, 100, 1500] {
+                let q = test_data(shape.heads * shape.key_dim, len as u64);
+                let keys = test_data(len * shape.key_stride, 7 + len as u64);
+                let values = if shared {
+                    keys.clone()
+                } else {
+                    test_data(len * shape.value_stride, 11 + len as u64)
+                };
+                let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
+                decode_attention_isa(isa, &q, &keys, &values, len, &shape, &mut out);
+                let want = attention_reference(&q, &keys, &values, len, &shape);
+                let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * scale,
+                        "{isa:?} {shape:?} len {len} [{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_attention_rejects_short_caches() {
+    let shape = AttentionShape {
+        heads: 2,
+        kv_heads: 2,
+        key_dim: 8,
+        value_dim: 8,
+        key_stride: 16,
+        value_stride: 16,
+        scale: 1.0,
+    };
+    let (q, mut out) = (vec![0f32; 16], vec![0f32; 16]);
+    let short = vec![0f32; 16 * 3 - 1];
+    let result = std::panic::catch_unwind(move || {
+        crate::decode_attention(&q, &short, &short, 3, &shape, &mut out);
+    });
+    assert!(result.is_err(), "a cache of fewer than 3 positions must be refused");
 }

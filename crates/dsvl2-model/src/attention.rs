@@ -14,7 +14,7 @@ use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
-use rayon::prelude::*;
+use dsvl2_kernels::{decode_attention, AttentionShape};
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
@@ -239,47 +239,30 @@ impl Mha {
 
 impl Mha {
     /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place
-    /// (the general path transposes and copies the cache into per-head matrices for candle's matmul,
-    /// which at a 1000-token context is ~10 MB of copying per layer and token). Heads run in
-    /// parallel. Returns `[1, h*hd]`.
+    /// by the kernels' split-over-positions attention (the general path transposes and copies the
+    /// cache into per-head matrices for candle's matmul: at a 1000-token context, ~10 MB of copying
+    /// per layer and token). Returns `[1, h*hd]`.
     fn attend_one(&self, q: &Tensor, k_all: &Tensor, v_all: &Tensor) -> candle_core::Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let s = k_all.dim(0)?;
         let q = f32_rows(q)?;
-        let scale = (hd as f32).sqrt();
+        let shape = AttentionShape {
+            heads: h,
+            kv_heads: kv,
+            key_dim: hd,
+            value_dim: hd,
+            key_stride: kv * hd,
+            value_stride: kv * hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         let mut out = vec![0f32; h * hd];
+        let len = k_all.dim(0)?;
         with_f32_slice(k_all, |keys| {
             with_f32_slice(v_all, |values| {
-                out.par_chunks_mut(hd).enumerate().for_each(|(head, out)| {
-                    let group = head / (h / kv);
-                    let q = &q[head * hd..(head + 1) * hd];
-                    let row = |j: usize| (j * kv + group) * hd..(j * kv + group + 1) * hd;
-                    let mut probs: Vec<f32> = (0..s).map(|j| dot(q, &keys[row(j)]) / scale).collect();
-                    let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    probs.iter_mut().for_each(|p| *p = (*p - max).exp());
-                    let sum: f32 = probs.iter().sum();
-                    for (j, p) in probs.iter().enumerate() {
-                        let w = p / sum;
-                        out.iter_mut().zip(&values[row(j)]).for_each(|(o, v)| *o += w * v);
-                    }
-                });
+                decode_attention(&q, keys, values, len, &shape, &mut out)
             })
         })??;
         Tensor::from_vec(out, (1, h * hd), k_all.device())
     }
-}
-
-/// Dot product with eight independent partial sums, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 enum QueryProjection {

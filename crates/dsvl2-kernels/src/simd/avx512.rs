@@ -23,6 +23,7 @@
 
 use std::arch::x86_64::*;
 
+use super::prefetch;
 use super::x86::{f16_pair_at, q4k_scales_mins, q8_0_scales8};
 use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
 use crate::quant::QuantizedActs;
@@ -123,6 +124,8 @@ unsafe fn q8_0_tile<const R: usize, const G: usize>(
         // Per-block scales dw · dx for 8 blocks (lanes beyond n8 are 0: `acts.d` is zero-padded).
         let mut s8 = [[_mm512_setzero_ps(); G]; R];
         for r in 0..R {
+            // The same blocks of the next tile's rows (see `prefetch`).
+            prefetch(w.wrapping_add((r + R) * row_bytes + b * Q8_0_BYTES), 8 * Q8_0_BYTES);
             let dw = q8_0_scales8(w.add(r * row_bytes + b * Q8_0_BYTES), n8);
             for g in 0..G {
                 s8[r][g] = _mm512_zextps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xd[g].add(b))));
@@ -203,6 +206,7 @@ unsafe fn q4k_tile<const R: usize, const G: usize>(
         let mut s8 = [[_mm512_setzero_ps(); G]; R];
         let mut s8hi = [[_mm512_setzero_ps(); G]; R];
         for r in 0..R {
+            prefetch(w.wrapping_add((r + R) * row_bytes + sb * Q4K_BYTES), Q4K_BYTES);
             let blk = w.add(r * row_bytes + sb * Q4K_BYTES);
             let (d, dmin) = f16_pair_at(blk);
             let (sc, mn) = q4k_scales_mins(blk.add(4));
@@ -349,7 +353,12 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
     let mut c = 0;
     while c + 16 <= cols {
         let xv: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(x.add(g * cols + c)));
+        let esize = row_bytes / cols;
+        let ahead = (c * esize) % 64 == 0;
         for r in 0..R {
+            if ahead {
+                prefetch(w.wrapping_add((r + R) * row_bytes + c * esize), 64);
+            }
             let wv = load16::<KIND>(w.add(r * row_bytes), c, 0xFFFF);
             for g in 0..G {
                 acc[r][g] = _mm512_fmadd_ps(wv, xv[g], acc[r][g]);
@@ -368,4 +377,19 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
         }
     }
     std::array::from_fn(|r| std::array::from_fn(|g| _mm512_reduce_add_ps(acc[r][g])))
+}
+
+/// [`crate::attention::attend_positions`] with AVX-512 F enabled (16-wide).
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn attend_positions(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    positions: std::ops::Range<usize>,
+    s: &crate::AttentionShape,
+) -> crate::attention::Partial {
+    crate::attention::attend_positions::<16>(q, keys, values, positions, s)
 }

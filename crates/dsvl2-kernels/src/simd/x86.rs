@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::prefetch;
 use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
 use crate::quant::{scale_min_k4, QuantizedActs};
 
@@ -215,6 +216,8 @@ unsafe fn q8_0_group<const G: usize>(w: *const u8, nb: usize, acts: &QuantizedAc
         // Eight blocks' scales at once (see `decode`), multiplied by the activation blocks' scales
         // (`acts.d` rows are padded to a multiple of 8, so the 8-wide load stays in bounds).
         let n8 = (nb - b).min(8);
+        // The same blocks of the next row (see `prefetch`).
+        prefetch(w.wrapping_add((nb + b) * Q8_0_BYTES), 8 * Q8_0_BYTES);
         let dw = q8_0_scales8(w.add(b * Q8_0_BYTES), n8);
         let mut scales = [[0f32; 8]; G];
         for g in 0..G {
@@ -295,6 +298,7 @@ unsafe fn q4k_group<const G: usize>(w: *const u8, nsb: usize, acts: &QuantizedAc
     let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
     let xs: [*const f32; G] = std::array::from_fn(|g| acts.sum.as_ptr().add((first + g) * acts.stride));
     for sb in 0..nsb {
+        prefetch(w.wrapping_add((nsb + sb) * Q4K_BYTES), Q4K_BYTES);
         let blk = w.add(sb * Q4K_BYTES);
         let (d, dmin) = f16_pair_at(blk);
         let (sc, mn) = q4k_scales_mins(blk.add(4));
@@ -377,4 +381,19 @@ pub(crate) unsafe fn gemv_quantized(
             };
         }
     }
+}
+
+/// [`crate::attention::attend_positions`] with AVX2 + FMA enabled (8-wide).
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attend_positions(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    positions: std::ops::Range<usize>,
+    s: &crate::AttentionShape,
+) -> crate::attention::Partial {
+    crate::attention::attend_positions::<8>(q, keys, values, positions, s)
 }
