@@ -1,5 +1,7 @@
-//! Attention of one query row per head over a sequence's cache (decoding), split over positions.
+//! Attention kernels: [`decode_attention`] (one query row per head over a sequence's cache, split
+//! over positions) and [`prefill_attention`] (many query rows, e.g. the vision tower or a prompt).
 //!
+//! Decoding:
 //! Decoding reads the whole cache once per layer and token: at a 1000-token context, tiny's f32 keys
 //! and values are 10 MB per layer. Splitting the work by head (one pass per head over every position)
 //! read each position's row in 512-byte pieces 10 times over, and ran at a quarter of the memory
@@ -14,6 +16,7 @@
 
 use rayon::prelude::*;
 
+use crate::gemm::{gemm_strided, Strided};
 use crate::isa::Isa;
 
 /// Shape of a [`decode_attention`] call.
@@ -152,7 +155,7 @@ pub(crate) fn attend_positions<const L: usize>(
     for h in 0..s.heads {
         let head = &mut scores[h * n..(h + 1) * n];
         max[h] = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        head.iter_mut().for_each(|x| *x = (*x - max[h]).exp());
+        head.iter_mut().for_each(|x| *x = crate::math::exp(*x - max[h]));
         sum[h] = head.iter().sum();
     }
     let mut acc = vec![0f32; s.heads * s.value_dim];
@@ -185,6 +188,201 @@ impl Isa {
             Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, positions, s) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { crate::simd::avx512::attend_positions(q, keys, values, positions, s) },
+        }
+    }
+}
+
+/// One operand of [`prefill_attention`]: the value `d` of head `h` at position `i` is
+/// `data[i * row_stride + h * head_dim + d]` (e.g. a `[positions, heads, head_dim]` tensor, or one
+/// third of a fused `[positions, 3, heads, head_dim]` qkv projection).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+}
+
+/// Shape of a [`prefill_attention`] call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefillShape {
+    /// Query heads; head `h` reads key/value head `h / (heads / kv_heads)`.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// Scores are `(q · k) · scale` before the softmax.
+    pub scale: f32,
+    /// Query `i` sees keys `0 ..= keys - queries + i` (the queries are the last positions); otherwise
+    /// every query sees every key.
+    pub causal: bool,
+}
+
+/// A raw pointer to the output, shared by the head tasks, which write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own head's columns (see `prefill_attention_isa`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+fn check_rows(name: &str, rows: &HeadRows, positions: usize, width: usize) {
+    assert!(
+        rows.row_stride >= width && (positions == 0 || rows.data.len() >= (positions - 1) * rows.row_stride + width),
+        "{name}: {} values with row stride {} cannot hold {positions} rows of {width}",
+        rows.data.len(),
+        rows.row_stride
+    );
+}
+
+/// Softmax attention of `queries` rows against `keys` rows, per head: `out` (`[queries, heads,
+/// head_dim]`, row stride `out_stride`) gets `softmax((q_h · k_gᵀ) · scale) · v_g`. Heads run in
+/// parallel; each multiplies through `gemm` (reading the operands in place, whatever their strides)
+/// and takes the softmax of its score matrix with a vectorised `exp`, so at most one
+/// `queries x keys` score matrix per thread exists at a time.
+///
+/// # Panics
+/// If an operand is too short for the shape, or `heads` is not a multiple of `kv_heads`.
+pub fn prefill_attention(
+    q: HeadRows,
+    k: HeadRows,
+    v: HeadRows,
+    shape: &PrefillShape,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    prefill_attention_isa(Isa::detect(), q, k, v, shape, out, out_stride)
+}
+
+pub(crate) fn prefill_attention_isa(
+    isa: Isa,
+    q: HeadRows,
+    k: HeadRows,
+    v: HeadRows,
+    s: &PrefillShape,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+        "{} query heads cannot share {} key/value heads",
+        s.heads,
+        s.kv_heads
+    );
+    assert!(
+        !s.causal || s.queries <= s.keys,
+        "causal attention needs the queries among the keys"
+    );
+    let hd = s.head_dim;
+    check_rows("queries", &q, s.queries, s.heads * hd);
+    check_rows("keys", &k, s.keys, s.kv_heads * hd);
+    check_rows("values", &v, s.keys, s.kv_heads * hd);
+    check_rows(
+        "output",
+        &HeadRows {
+            data: out,
+            row_stride: out_stride,
+        },
+        s.queries,
+        s.heads * hd,
+    );
+    if s.queries == 0 || hd == 0 {
+        return;
+    }
+    if s.keys == 0 {
+        for row in out.chunks_mut(out_stride).take(s.queries) {
+            row[..s.heads * hd].fill(0.0);
+        }
+        return;
+    }
+    let group = s.heads / s.kv_heads;
+    let out = OutPtr(out.as_mut_ptr());
+    let (nq, nk) = (s.queries, s.keys);
+    (0..s.heads).into_par_iter().for_each(|h| {
+        let g = h / group;
+        let mut scores = vec![0f32; nq * nk];
+        // SAFETY: the operands were checked above to hold every element these strides address; the
+        // score matrix is this task's own, and the output columns h·hd .. (h+1)·hd are this head's.
+        unsafe {
+            gemm_strided(
+                (nq, nk, hd),
+                Strided {
+                    ptr: scores.as_mut_ptr(),
+                    row_stride: nk,
+                    col_stride: 1,
+                },
+                Strided {
+                    ptr: q.data.as_ptr().add(h * hd),
+                    row_stride: q.row_stride,
+                    col_stride: 1,
+                },
+                // rhs(d, j) = k_g[j][d]: the transposed keys, read in place.
+                Strided {
+                    ptr: k.data.as_ptr().add(g * hd),
+                    row_stride: 1,
+                    col_stride: k.row_stride,
+                },
+                s.scale,
+                gemm::Parallelism::None,
+            );
+        }
+        let past = if s.causal { Some(nk - nq) } else { None };
+        let mut sums = vec![0f32; nq];
+        isa.softmax_rows(&mut scores, nk, past, &mut sums);
+        // The whole `OutPtr` (which is Sync), not its raw-pointer field, is what the closure captures.
+        let out = out;
+        // SAFETY: as above; this head's output columns are written by this task only.
+        unsafe {
+            gemm_strided(
+                (nq, hd, nk),
+                Strided {
+                    ptr: out.0.add(h * hd),
+                    row_stride: out_stride,
+                    col_stride: 1,
+                },
+                Strided {
+                    ptr: scores.as_ptr(),
+                    row_stride: nk,
+                    col_stride: 1,
+                },
+                Strided {
+                    ptr: v.data.as_ptr().add(g * hd),
+                    row_stride: v.row_stride,
+                    col_stride: 1,
+                },
+                1.0,
+                gemm::Parallelism::None,
+            );
+            // The softmax's division, on head_dim outputs per row instead of `keys` probabilities.
+            for (i, sum) in sums.iter().enumerate() {
+                let row = std::slice::from_raw_parts_mut(out.0.add(i * out_stride + h * hd), hd);
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+        }
+    });
+}
+
+/// Unnormalised softmax of each row of `scores` (`cols` wide): `exp(x - row max)`, with the row sums
+/// in `sums`. With `causal_past = Some(p)`, row `i` keeps only its first `p + i + 1` values and the
+/// rest become 0.
+#[inline(always)]
+pub(crate) fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
+    for ((i, row), sum) in scores.chunks_exact_mut(cols).enumerate().zip(sums) {
+        let visible = causal_past.map_or(cols, |p| (p + i + 1).min(cols));
+        let (seen, hidden) = row.split_at_mut(visible);
+        *sum = crate::math::exp_shifted_in_place(seen);
+        hidden.fill(0.0);
+    }
+}
+
+impl Isa {
+    /// [`softmax_rows`] compiled for this instruction set.
+    fn softmax_rows(self, scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
+        match self {
+            Isa::Scalar => softmax_rows(scores, cols, causal_past, sums),
+            // SAFETY: these variants are only constructed after their features were detected.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { crate::simd::x86::softmax_rows(scores, cols, causal_past, sums) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { crate::simd::avx512::softmax_rows(scores, cols, causal_past, sums) },
         }
     }
 }

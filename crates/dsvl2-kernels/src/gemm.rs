@@ -25,6 +25,51 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// A matrix operand of [`gemm_strided`]: element `(row, col)` is at `ptr + row · row_stride + col · col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<T> {
+    pub ptr: T,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]` with arbitrary strides, through the `gemm` crate.
+///
+/// # Safety
+/// Every element the shapes and strides address must be valid (for writing, in `dst`), and no other
+/// thread may write what this call reads or writes.
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    let s = |x: usize| x as isize;
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        s(dst.col_stride),
+        s(dst.row_stride),
+        false,
+        lhs.ptr,
+        s(lhs.col_stride),
+        s(lhs.row_stride),
+        rhs.ptr,
+        s(rhs.col_stride),
+        s(rhs.row_stride),
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// `y[:, col0 .. col0 + n] = x[m, k] · wᵀ` where `w` is `n x k` row-major and `y` has row stride `ldy`.
 ///
 /// # Safety
@@ -32,26 +77,25 @@ fn parallelism() -> gemm::Parallelism {
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_f32(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32], col0: usize, ldy: usize) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * ldy && col0 + n <= ldy);
-    // gemm computes dst[m x n] = lhs[m x k] · rhs[k x n] with arbitrary strides: rhs(kk, j) = w[j * k + kk].
-    gemm::gemm(
-        m,
-        n,
-        k,
-        y.as_mut_ptr().add(col0),
-        1,
-        ldy as isize,
-        false,
-        x.as_ptr(),
-        1,
-        k as isize,
-        w.as_ptr(),
-        k as isize,
-        1,
-        0.0,
+    gemm_strided(
+        (m, n, k),
+        Strided {
+            ptr: y.as_mut_ptr().add(col0),
+            row_stride: ldy,
+            col_stride: 1,
+        },
+        Strided {
+            ptr: x.as_ptr(),
+            row_stride: k,
+            col_stride: 1,
+        },
+        // rhs(kk, j) = w[j * k + kk].
+        Strided {
+            ptr: w.as_ptr(),
+            row_stride: 1,
+            col_stride: k,
+        },
         1.0,
-        false,
-        false,
-        false,
         parallelism(),
     )
 }

@@ -4,10 +4,12 @@
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
 use half::{bf16, f16};
 
-use crate::attention::decode_attention_isa;
+use crate::attention::{decode_attention_isa, prefill_attention_isa};
 use crate::isa::Isa;
 use crate::quant::QuantizedActs;
-use crate::{gemm, gemv, matmul_many, AttentionShape, Format, KernelError, MatmulJob, PackedMatrix};
+use crate::{
+    gemm, gemv, matmul_many, AttentionShape, Format, HeadRows, KernelError, MatmulJob, PackedMatrix, PrefillShape,
+};
 
 /// Deterministic pseudo-random data (xorshift64*), roughly Gaussian (sum of 4 uniforms), with a few
 /// outliers and some all-zero / constant blocks so the quantizers' edge cases are exercised.
@@ -608,4 +610,61 @@ fn decode_attention_rejects_short_caches() {
         crate::decode_attention(&q, &short, &short, 3, &shape, &mut out);
     });
     assert!(result.is_err(), "a cache of fewer than 3 positions must be refused");
+}
+
+#[test]
+fn prefill_attention_matches_f64_reference() {
+    // (heads, kv_heads, head_dim, queries, keys, causal)
+    let cases = [
+        (4, 4, 24, 30, 30, false), // the vision tower: every token sees every token
+        (6, 2, 19, 17, 17, true),  // a causal prompt, grouped queries
+        (3, 3, 16, 5, 40, true),   // a causal chunk after 35 cached positions
+        (2, 1, 8, 1, 9, true),     // one row
+    ];
+    for isa in isas() {
+        for (heads, kv_heads, hd, nq, nk, causal) in cases {
+            // q, k and v interleaved per position like a fused qkv projection, plus 3 unused values.
+            let stride = (heads + 2 * kv_heads) * hd + 3;
+            let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+            let data = test_data(nk.max(nq) * stride, (heads * nq + nk) as u64);
+            let rows = |offset: usize| HeadRows {
+                data: &data[offset..],
+                row_stride: stride,
+            };
+            let shape = PrefillShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                queries: nq,
+                keys: nk,
+                scale: 0.3,
+                causal,
+            };
+            let out_stride = q_width + 5;
+            let mut out = vec![f32::NAN; nq * out_stride];
+            let (q, k, v) = (rows(0), rows(q_width), rows(q_width + kv_width));
+            prefill_attention_isa(isa, q, k, v, &shape, &mut out, out_stride);
+            let one = AttentionShape {
+                heads,
+                kv_heads,
+                key_dim: hd,
+                value_dim: hd,
+                key_stride: stride,
+                value_stride: stride,
+                scale: 0.3,
+            };
+            for i in 0..nq {
+                let visible = if causal { nk - nq + i + 1 } else { nk };
+                let want = attention_reference(&q.data[i * stride..][..q_width], k.data, v.data, visible, &one);
+                let got = &out[i * out_stride..][..q_width];
+                let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+                for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() <= 1e-5 * scale,
+                        "{isa:?} {shape:?} query {i} [{j}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@ use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
-use dsvl2_kernels::{decode_attention, AttentionShape};
+use dsvl2_kernels::{decode_attention, prefill_attention, AttentionShape, HeadRows, PrefillShape};
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
@@ -194,7 +194,7 @@ impl Mha {
                 &q,
                 &k.narrow(0, start, n)?,
                 &v.narrow(0, start, n)?,
-                segment.mask,
+                segment.mask.is_some(),
                 keys,
                 values,
             )
@@ -209,7 +209,7 @@ impl Mha {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
         keys: &mut GrowingTensor,
         values: &mut GrowingTensor,
     ) -> candle_core::Result<Tensor> {
@@ -221,19 +221,33 @@ impl Mha {
         if t == 1 {
             return self.attend_one(q, &k_all, &v_all);
         }
-        let s = k_all.dim(0)?;
-        let expand = |x: Tensor| -> candle_core::Result<Tensor> {
-            let x = x.transpose(0, 1)?; // [kv, s, hd]
-            if h == kv {
-                return x.contiguous();
-            }
-            x.unsqueeze(1)?.expand((kv, h / kv, s, hd))?.reshape((h, s, hd))
+        // Several rows: attention over the cache, read in place by the kernels' attention, heads in
+        // parallel (the rows of a prompt chunk are causal: the segment's mask is always that one).
+        let shape = PrefillShape {
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+            queries: t,
+            keys: k_all.dim(0)?,
+            scale: 1.0 / (hd as f32).sqrt(),
+            causal,
         };
-        let (k_all, v_all) = (expand(k_all)?, expand(v_all)?);
-        let scores = (q.matmul(&k_all.t()?)? / (hd as f64).sqrt())?;
-        let probs = masked_softmax(&scores, mask)?;
-        let out = probs.matmul(&v_all)?; // [h, t, hd]
-        out.transpose(0, 1)?.reshape((t, h * hd))
+        let q = f32_rows(&q.transpose(0, 1)?)?; // [t, h, hd]
+        let mut out = vec![0f32; t * h * hd];
+        with_f32_slice(&k_all, |keys| {
+            with_f32_slice(&v_all, |values| {
+                let rows = |data| HeadRows {
+                    data,
+                    row_stride: kv * hd,
+                };
+                let queries = HeadRows {
+                    data: &q,
+                    row_stride: h * hd,
+                };
+                prefill_attention(queries, rows(keys), rows(values), &shape, &mut out, h * hd)
+            })
+        })??;
+        Tensor::from_vec(out, (t, h * hd), k_all.device())
     }
 }
 

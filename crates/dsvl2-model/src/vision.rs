@@ -5,9 +5,9 @@
 use candle_core::Tensor;
 use dsvl2_config::VisionConfig;
 
-use dsvl2_kernels::Format;
+use dsvl2_kernels::{prefill_attention, Format, HeadRows, PrefillShape};
 
-use crate::linear::{Activation, Linear};
+use crate::linear::{with_f32_slice, Activation, Linear};
 use crate::norm::LayerNorm;
 use crate::{ModelError, Weights};
 
@@ -30,7 +30,6 @@ pub struct VisionTower {
     norm: LayerNorm,
     patch: usize,
     grid: usize,
-    width: usize,
     heads: usize,
 }
 
@@ -69,7 +68,6 @@ impl VisionTower {
             norm,
             patch: p,
             grid,
-            width,
             heads: cfg.heads,
         })
     }
@@ -112,22 +110,32 @@ impl VisionTower {
     }
 
     /// Unmasked multi-head self-attention of each tile's tokens. The qkv and output projections
-    /// run over all tiles at once; the scores are made one tile at a time, so at most
-    /// `heads x T x T` of them (34 MB at 729 tokens) exist at once, whatever the image count.
+    /// run over all tiles at once; the attention runs one tile at a time (heads in parallel, read in
+    /// place from the fused qkv output), so at most one `T x T` score matrix per thread exists.
     fn attention(&self, block: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, t, _) = x.dims3()?;
-        let hd = self.width / self.heads;
-        let qkv = block.qkv.forward(x)?.reshape((n, t, 3, self.heads, hd))?;
-        let tiles = (0..n)
-            .map(|tile| {
-                let qkv = qkv.get(tile)?.permute((1, 2, 0, 3))?; // [3, heads, t, hd]
-                let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-                let k = qkv.get(1)?.contiguous()?;
-                let v = qkv.get(2)?.contiguous()?;
-                let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-                probs.matmul(&v)?.transpose(0, 1)?.reshape((t, self.width))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        block.proj.forward(&Tensor::stack(&tiles, 0)?)
+        let (n, t, width) = x.dims3()?;
+        let hd = width / self.heads;
+        let qkv = block.qkv.forward(x)?; // [n, t, 3 * width]: q, k, v of each token, heads inside
+        let mut out = vec![0f32; n * t * width];
+        let shape = PrefillShape {
+            heads: self.heads,
+            kv_heads: self.heads,
+            head_dim: hd,
+            queries: t,
+            keys: t,
+            scale: (hd as f32).powf(-0.5),
+            causal: false,
+        };
+        with_f32_slice(&qkv, |qkv| {
+            for (tile, out) in out.chunks_exact_mut(t * width).enumerate() {
+                let tokens = &qkv[tile * t * 3 * width..(tile + 1) * t * 3 * width];
+                let rows = |offset: usize| HeadRows {
+                    data: &tokens[offset..],
+                    row_stride: 3 * width,
+                };
+                prefill_attention(rows(0), rows(width), rows(2 * width), &shape, out, width);
+            }
+        })?;
+        block.proj.forward(&Tensor::from_vec(out, (n, t, width), x.device())?)
     }
 }

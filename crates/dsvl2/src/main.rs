@@ -39,8 +39,24 @@ enum Command {
     Quantize(commands::quantize::QuantizeArgs),
 }
 
+/// `mi_option_purge_delay` in mimalloc.h (v3), which the bindings do not name: the entry just before
+/// `mi_option_use_numa_nodes`, as the assertion below checks.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const _: () = assert!(libmimalloc_sys::mi_option_use_numa_nodes == MI_OPTION_PURGE_DELAY + 1);
+
+/// Keeps freed memory mapped for 10 s instead of mimalloc's default 1 s before returning it to the
+/// OS. A vision layer takes about a second and frees tens of megabytes of activations that the next
+/// layer allocates again; returned pages come back through page faults that zero them. Measured on
+/// tiny, 5 tiles, q8_0: vision 26.1 s with the default delay, 22.4 s without purging; peak RSS
+/// +0.2 GB. Memory is still returned once the process has been idle for the delay.
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+}
+
 fn main() {
     probe::mark_main_started();
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),

@@ -393,3 +393,12 @@ pub(crate) unsafe fn attend_positions(
 ) -> crate::attention::Partial {
     crate::attention::attend_positions::<16>(q, keys, values, positions, s)
 }
+
+/// [`crate::attention::softmax_rows`] with AVX-512 F enabled.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
+    crate::attention::softmax_rows(scores, cols, causal_past, sums)
+}
