@@ -65,7 +65,7 @@ pub(crate) fn decode_attention_isa(
     out: &mut [f32],
 ) {
     assert!(
-        s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+        s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "{} query heads cannot share {} key/value heads",
         s.heads,
         s.kv_heads
@@ -224,6 +224,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The output element `offset` (a method, so that closures capture the whole `OutPtr`, which is
+    /// `Sync`, and not its raw-pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 fn check_rows(name: &str, rows: &HeadRows, positions: usize, width: usize) {
     assert!(
         rows.row_stride >= width && (positions == 0 || rows.data.len() >= (positions - 1) * rows.row_stride + width),
@@ -262,7 +270,7 @@ pub(crate) fn prefill_attention_isa(
     out_stride: usize,
 ) {
     assert!(
-        s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+        s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "{} query heads cannot share {} key/value heads",
         s.heads,
         s.kv_heads
@@ -327,14 +335,12 @@ pub(crate) fn prefill_attention_isa(
         let past = if s.causal { Some(nk - nq) } else { None };
         let mut sums = vec![0f32; nq];
         isa.softmax_rows(&mut scores, nk, past, &mut sums);
-        // The whole `OutPtr` (which is Sync), not its raw-pointer field, is what the closure captures.
-        let out = out;
         // SAFETY: as above; this head's output columns are written by this task only.
         unsafe {
             gemm_strided(
                 (nq, hd, nk),
                 Strided {
-                    ptr: out.0.add(h * hd),
+                    ptr: out.at(h * hd),
                     row_stride: out_stride,
                     col_stride: 1,
                 },
@@ -353,7 +359,7 @@ pub(crate) fn prefill_attention_isa(
             );
             // The softmax's division, on head_dim outputs per row instead of `keys` probabilities.
             for (i, sum) in sums.iter().enumerate() {
-                let row = std::slice::from_raw_parts_mut(out.0.add(i * out_stride + h * hd), hd);
+                let row = std::slice::from_raw_parts_mut(out.at(i * out_stride + h * hd), hd);
                 row.iter_mut().for_each(|x| *x /= sum);
             }
         }

@@ -354,7 +354,7 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
     while c + 16 <= cols {
         let xv: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(x.add(g * cols + c)));
         let esize = row_bytes / cols;
-        let ahead = (c * esize) % 64 == 0;
+        let ahead = (c * esize).is_multiple_of(64);
         for r in 0..R {
             if ahead {
                 prefetch(w.wrapping_add((r + R) * row_bytes + c * esize), 64);
