@@ -75,7 +75,17 @@ pub(crate) unsafe fn gemm_strided(
 /// # Safety
 /// `x` holds `m * k`, `w` holds `n * k` values and `y` holds `m * ldy` values with `col0 + n <= ldy`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32], col0: usize, ldy: usize) {
+unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    col0: usize,
+    ldy: usize,
+    parallelism: gemm::Parallelism,
+) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * ldy && col0 + n <= ldy);
     gemm_strided(
         (m, n, k),
@@ -96,11 +106,23 @@ unsafe fn gemm_f32(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [
             col_stride: k,
         },
         1.0,
-        parallelism(),
+        parallelism,
     )
 }
 
 pub(crate) fn gemm(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+    gemm_threads(isa, w, x, m, y, true)
+}
+
+/// [`gemm`] on the calling thread only (`parallel = false`): for many independent products at once
+/// (a MoE layer's experts in a prompt, ~100 rows each), which keep the threads busier one product
+/// per thread than each product split over all threads.
+pub(crate) fn gemm_threads(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32], parallel: bool) {
+    let parallelism = if parallel {
+        parallelism()
+    } else {
+        gemm::Parallelism::None
+    };
     let (rows, cols) = (w.rows(), w.cols());
     if m == 0 || rows == 0 {
         return;
@@ -111,7 +133,7 @@ pub(crate) fn gemm(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
     }
     if let Some(wf) = w.f32_view() {
         // SAFETY: the caller checked x.len() == m * cols and y.len() == m * rows.
-        unsafe { gemm_f32(m, rows, cols, x, wf, y, 0, rows) };
+        unsafe { gemm_f32(m, rows, cols, x, wf, y, 0, rows, parallelism) };
         return;
     }
     let panel_rows = (PANEL_VALUES / cols).clamp(64, rows.max(64)).min(rows);
@@ -120,14 +142,18 @@ pub(crate) fn gemm(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
         for r0 in (0..rows).step_by(panel_rows) {
             let n = panel_rows.min(rows - r0);
             let buf = &mut panel[..n * cols];
-            // Dequantize in chunks of rows, in parallel.
-            let chunk_rows = n.div_ceil(rayon::current_num_threads() * 4).max(16);
-            buf.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(c, out)| {
-                let start = r0 + c * chunk_rows;
-                w.dequantize_rows_isa(isa, start, out.len() / cols, out);
-            });
+            if parallel {
+                // Dequantize in chunks of rows, in parallel.
+                let chunk_rows = n.div_ceil(rayon::current_num_threads() * 4).max(16);
+                buf.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(c, out)| {
+                    let start = r0 + c * chunk_rows;
+                    w.dequantize_rows_isa(isa, start, out.len() / cols, out);
+                });
+            } else {
+                w.dequantize_rows_isa(isa, r0, n, buf);
+            }
             // SAFETY: sizes as above; the panel covers output columns r0 .. r0 + n.
-            unsafe { gemm_f32(m, n, cols, x, buf, y, r0, rows) };
+            unsafe { gemm_f32(m, n, cols, x, buf, y, r0, rows, parallelism) };
         }
     };
     // A nested call on the same thread (rayon work stealing while this thread waits inside gemm) finds

@@ -122,8 +122,9 @@ pub struct MatmulJob<'a> {
 
 /// Runs several independent products in one parallel dispatch (MoE decoding: all selected experts'
 /// projections at once). The tasks are (job, row chunk) pairs, so many small matrices keep every core
-/// busy without a fork/join per job. Jobs whose `m` is above the GEMV range run afterwards through
-/// [`PackedMatrix::matmul`].
+/// busy without a fork/join per job. Jobs whose `m` is above the GEMV range run afterwards: each on one
+/// thread, jobs in parallel, when there are enough of them; otherwise one after the other, each split
+/// over the threads.
 pub fn matmul_many(jobs: &mut [MatmulJob<'_>]) {
     matmul_many_isa(Isa::detect(), jobs)
 }
@@ -174,8 +175,17 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
         // the chunks of one job are disjoint.
         unsafe { gemv_rows(isa, t.w, &acts[t.acts], t.m, t.rows.clone(), t.y) }
     });
-    for job in jobs.iter_mut() {
-        if job.m > max_m(job.weight.format()) {
+    let mut large: Vec<&mut MatmulJob> = jobs.iter_mut().filter(|j| j.m > max_m(j.weight.format())).collect();
+    if large.len() >= 2 * rayon::current_num_threads() {
+        // Many products (a MoE layer's experts in a prompt): one per thread at a time, largest first so
+        // the shared experts' big product does not finish last.
+        large.sort_by_key(|j| std::cmp::Reverse(j.m * j.weight.rows() * j.weight.cols()));
+        large
+            .into_par_iter()
+            .with_max_len(1)
+            .for_each(|job| crate::gemm::gemm_threads(isa, job.weight, job.x, job.m, job.y, false));
+    } else {
+        for job in large {
             job.weight.matmul_isa(isa, job.x, job.m, job.y);
         }
     }

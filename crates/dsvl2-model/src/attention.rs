@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 use dsvl2_config::LanguageConfig;
 
 use crate::cache::{GrowingTensor, LayerCache};
-use crate::linear::{f32_rows, with_f32_slice, Linear};
+use crate::linear::{f32_rows, forward_many, with_f32_slice, Linear};
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
@@ -178,12 +178,26 @@ impl Mha {
         let t = input.x.dim(0)?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         // [t, heads*hd] -> [1, heads, t, hd] for the rotary kernel.
+        // q, k and v in one dispatch, sharing one conversion of x (decoding: 3 small products).
+        let x = f32_rows(input.x)?;
+        let [q, k, v]: [Vec<f32>; 3] = forward_many(&[&self.q, &self.k, &self.v], &[&x, &x, &x])
+            .try_into()
+            .expect("three products");
+        let device = input.x.device();
         let heads_first = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.unsqueeze(0);
-        let q = rope.apply(&heads_first(self.q.forward(input.x)?, h)?, input.cos, input.sin)?;
-        let k = rope.apply(&heads_first(self.k.forward(input.x)?, kv)?, input.cos, input.sin)?;
+        let q = rope.apply(
+            &heads_first(Tensor::from_vec(q, (t, h * hd), device)?, h)?,
+            input.cos,
+            input.sin,
+        )?;
+        let k = rope.apply(
+            &heads_first(Tensor::from_vec(k, (t, kv * hd), device)?, kv)?,
+            input.cos,
+            input.sin,
+        )?;
         let q = q.squeeze(0)?; // [h, t, hd]
         let k = k.squeeze(0)?.transpose(0, 1)?; // [t, kv, hd]
-        let v = self.v.forward(input.x)?.reshape((t, kv, hd))?;
+        let v = Tensor::from_vec(v, (t, kv, hd), device)?;
         let out = per_segment(segments, 0, |segment, start| {
             let LayerCache::Mha { keys, values } = &mut *segment.cache else {
                 candle_core::bail!("attention kind and cache kind differ");
