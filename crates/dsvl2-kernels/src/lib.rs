@@ -28,7 +28,7 @@ mod tests;
 pub use attention::{decode_attention, prefill_attention, AttentionShape, HeadRows, PrefillShape};
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
-pub use packed::PackedMatrix;
+pub use packed::{PackedMatrix, SharedBytes};
 
 /// Errors from building a [`PackedMatrix`] or parsing a [`Format`].
 #[derive(Debug, thiserror::Error)]

@@ -53,6 +53,31 @@ impl AlignedBytes {
     }
 }
 
+/// Bytes that outlive every matrix made from them, e.g. a memory-mapped GGUF file.
+pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where a matrix's bytes are.
+#[derive(Clone)]
+enum Storage {
+    /// Our own copy (converted or quantized at load).
+    Owned(AlignedBytes),
+    /// `len` bytes at `start` of a shared buffer, used in place.
+    Shared {
+        source: SharedBytes,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Storage {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Storage::Owned(bytes) => bytes.as_slice(),
+            Storage::Shared { source, start, len } => &(**source).as_ref()[*start..*start + *len],
+        }
+    }
+}
+
 /// A `rows x cols` weight matrix (rows = output features, cols = input features) stored row-major in
 /// `format`'s ggml layout.
 #[derive(Clone)]
@@ -60,7 +85,7 @@ pub struct PackedMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    data: AlignedBytes,
+    data: Storage,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -116,28 +141,58 @@ impl PackedMatrix {
             format,
             rows,
             cols,
-            data: out,
+            data: Storage::Owned(out),
         })
     }
 
-    /// Wraps bytes already in `format`'s layout (e.g. a GGUF tensor); copies them into aligned storage.
-    pub fn from_bytes(format: Format, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+    fn check_byte_len(format: Format, rows: usize, cols: usize, got: usize) -> Result<(), KernelError> {
         Self::check_cols(format, cols)?;
         let expected = format.bytes_for(rows, cols);
-        if bytes.len() != expected {
+        if got != expected {
             return Err(KernelError::ByteLength {
                 format,
                 rows,
                 cols,
                 expected,
-                got: bytes.len(),
+                got,
             });
+        }
+        Ok(())
+    }
+
+    /// Wraps bytes already in `format`'s layout (e.g. a GGUF tensor); copies them into aligned storage.
+    pub fn from_bytes(format: Format, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+        Self::check_byte_len(format, rows, cols, bytes.len())?;
+        Ok(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data: Storage::Owned(AlignedBytes::copy_of(bytes)),
+        })
+    }
+
+    /// Uses `source[start..]`, already in `format`'s layout, in place: no copy (a memory-mapped GGUF
+    /// file's tensors are the weights). f32 bytes that are not 4-byte aligned are copied instead, so
+    /// that they can be read as `f32` directly.
+    pub fn from_shared(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        source: SharedBytes,
+        start: usize,
+    ) -> Result<Self, KernelError> {
+        let len = format.bytes_for(rows, cols);
+        let available = (*source).as_ref().len().saturating_sub(start);
+        Self::check_byte_len(format, rows, cols, len.min(available))?;
+        let bytes = &(*source).as_ref()[start..start + len];
+        if format == Format::F32 && !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+            return Self::from_bytes(format, rows, cols, bytes);
         }
         Ok(PackedMatrix {
             format,
             rows,
             cols,
-            data: AlignedBytes::copy_of(bytes),
+            data: Storage::Shared { source, start, len },
         })
     }
 
@@ -159,7 +214,7 @@ impl PackedMatrix {
     }
 
     pub fn storage_bytes(&self) -> usize {
-        self.data.len
+        self.as_bytes().len()
     }
 
     /// Bytes of one row.
@@ -174,11 +229,12 @@ impl PackedMatrix {
     }
 
     /// The weights as f32 values without conversion, when they are stored as f32 in native byte order
-    /// (the storage is 64-byte aligned, so the cast is always aligned).
+    /// (owned storage is 64-byte aligned, and `from_shared` copies misaligned f32 bytes, so the cast is
+    /// always aligned).
     pub(crate) fn f32_view(&self) -> Option<&[f32]> {
         if self.format == Format::F32 && cfg!(target_endian = "little") {
             let b = self.as_bytes();
-            // SAFETY: aligned (see AlignedBytes), length is a multiple of 4, every bit pattern is an f32.
+            // SAFETY: aligned (see above), length is a multiple of 4, every bit pattern is an f32.
             Some(unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) })
         } else {
             None

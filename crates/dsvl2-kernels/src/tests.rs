@@ -668,3 +668,29 @@ fn prefill_attention_matches_f64_reference() {
         }
     }
 }
+
+#[test]
+fn shared_bytes_are_used_in_place_and_checked() {
+    let (rows, cols) = (5, 64);
+    let x = test_data(2 * cols, 3);
+    for format in [Format::F32, Format::Q8_0] {
+        let owned = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 9)).unwrap();
+        // At offset 1 (f32 misaligned: copied) and 4 (in place), after one leading byte or four.
+        for offset in [1usize, 4] {
+            let mut buffer = vec![0u8; offset];
+            buffer.extend_from_slice(owned.as_bytes());
+            let source: crate::SharedBytes = std::sync::Arc::new(buffer);
+            let shared = PackedMatrix::from_shared(format, rows, cols, source.clone(), offset).unwrap();
+            assert_eq!(shared.as_bytes(), owned.as_bytes());
+            let (mut a, mut b) = (vec![0f32; 2 * rows], vec![0f32; 2 * rows]);
+            owned.matmul(&x, 2, &mut a);
+            shared.matmul(&x, 2, &mut b);
+            assert_eq!(a, b, "{format} at offset {offset}");
+            let short = PackedMatrix::from_shared(format, rows + 1, cols, source, offset);
+            assert!(
+                matches!(short, Err(KernelError::ByteLength { .. })),
+                "{format}: a short source"
+            );
+        }
+    }
+}

@@ -10,12 +10,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use dsvl2_config::WeightFiles;
-use dsvl2_kernels::{Format, PackedMatrix};
+use dsvl2_kernels::{Format, PackedMatrix, SharedBytes};
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 
@@ -43,7 +44,7 @@ struct Entry {
 
 /// All tensors of a checkpoint, mapped but not yet read.
 pub struct Weights {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: BTreeMap<String, Entry>,
     used: RefCell<BTreeSet<String>>,
     device: Device,
@@ -130,18 +131,26 @@ impl Weights {
     /// block format (GGUF) is used as stored.
     pub fn get_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<PackedMatrix, ModelError> {
         let entry = self.checked_entry(name, &[rows, cols])?;
+        let (path, map) = &self.files[entry.file];
         let matrix = match entry.stored {
-            Stored::Blocks(format) => PackedMatrix::from_bytes(format, rows, cols, self.bytes(entry)),
+            // Used in place: the mapped file's pages are the weights (no copy, and nothing to release).
+            Stored::Blocks(format) => {
+                let source: SharedBytes = map.clone();
+                PackedMatrix::from_shared(format, rows, cols, source, entry.start)
+            }
             Stored::Float(_) => {
                 let format = storage_format(name, &entry.shape, self.format);
                 PackedMatrix::from_f32(format, rows, cols, &self.read_f32(name, entry)?)
             }
         };
         let matrix = matrix.map_err(|e| ModelError::Weights {
-            path: self.files[entry.file].0.clone(),
+            path: path.clone(),
             message: format!("tensor `{name}`: {e}"),
         })?;
-        self.finished_reading(entry);
+        if let Stored::Float(_) = entry.stored {
+            self.release_pages(entry);
+        }
+        self.report_progress(entry);
         Ok(matrix)
     }
 
@@ -215,6 +224,12 @@ impl Weights {
     /// (they stay in the OS page cache), so peak memory is the converted weights, not converted
     /// weights plus the whole mapped checkpoint. Then reports progress.
     fn finished_reading(&self, entry: &Entry) {
+        self.release_pages(entry);
+        self.report_progress(entry);
+    }
+
+    /// See [`Self::finished_reading`].
+    fn release_pages(&self, entry: &Entry) {
         #[cfg(unix)]
         {
             let mmap = &self.files[entry.file].1;
@@ -225,6 +240,9 @@ impl Weights {
                 mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
             };
         }
+    }
+
+    fn report_progress(&self, entry: &Entry) {
         if let Some(progress) = &self.progress {
             self.loaded_bytes
                 .set(self.loaded_bytes.get() + (entry.end - entry.start) as u64);
@@ -288,7 +306,7 @@ fn decode_floats(format: Format, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-type Opened = (Vec<(PathBuf, Mmap)>, BTreeMap<String, Entry>);
+type Opened = (Vec<(PathBuf, Arc<Mmap>)>, BTreeMap<String, Entry>);
 
 /// Maps safetensors files (one, or the shards of an index, which must agree with their headers).
 fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
@@ -296,7 +314,7 @@ fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
     let mut mapped = Vec::with_capacity(paths.len());
     let mut entries = BTreeMap::new();
     for (file_index, path) in paths.iter().enumerate() {
-        let mmap = map_file(path)?;
+        let mmap = map_file(path, false)?;
         let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Weights {
             path: path.clone(),
             message: format!("not a valid safetensors file: {e}"),
@@ -330,7 +348,7 @@ fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
                 });
             }
         }
-        mapped.push((path.clone(), mmap));
+        mapped.push((path.clone(), Arc::new(mmap)));
     }
     if let WeightFiles::Sharded { index, weight_map, .. } = files {
         for (name, file) in weight_map {
@@ -362,7 +380,9 @@ fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
 /// inside the file). Every tensor is used as stored: the file's formats were chosen when it was
 /// written, by the same rule the loader uses.
 fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Opened, ModelError> {
-    let mmap = map_file(path)?;
+    // Read in at once (the block tensors are used in place, so every page will be needed): the load
+    // then takes the time of reading the file, instead of page faults during the first request.
+    let mmap = map_file(path, true)?;
     let mut entries = BTreeMap::new();
     for t in tensors {
         let format = Format::from_ggml_type(t.ggml_type).ok_or_else(|| ModelError::Weights {
@@ -385,18 +405,24 @@ fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Op
         };
         entries.insert(t.name.clone(), entry);
     }
-    Ok((vec![(path.to_path_buf(), mmap)], entries))
+    Ok((vec![(path.to_path_buf(), Arc::new(mmap))], entries))
 }
 
-fn map_file(path: &Path) -> Result<Mmap, ModelError> {
+/// Maps `path` read-only; `populate` reads the whole file in now (`MAP_POPULATE`).
+fn map_file(path: &Path, populate: bool) -> Result<Mmap, ModelError> {
     let file = File::open(path).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
+    let mut options = MmapOptions::new();
+    if populate {
+        options.populate();
+    }
     // SAFETY: the file is opened read-only and the map is only read. If another process truncates
-    // the file while we run, reads could fault; that is the accepted risk of every mmap loader
-    // (safetensors, candle, llama.cpp), and weights are copied out once at load time.
-    unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Weights {
+    // or rewrites the file while we run, reads could fault or see the new bytes; that is the
+    // accepted risk of every mmap loader (safetensors, candle, llama.cpp, which also runs GGUF
+    // weights in place as we do).
+    unsafe { options.map(&file) }.map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         message: format!("cannot map: {e}"),
     })

@@ -379,26 +379,5 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
     std::array::from_fn(|r| std::array::from_fn(|g| _mm512_reduce_add_ps(acc[r][g])))
 }
 
-/// [`crate::attention::attend_positions`] with AVX-512 F enabled (16-wide).
-///
-/// # Safety
-/// AVX-512 F must be available.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn attend_positions(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    positions: std::ops::Range<usize>,
-    s: &crate::AttentionShape,
-) -> crate::attention::Partial {
-    crate::attention::attend_positions::<16>(q, keys, values, positions, s)
-}
-
-/// [`crate::attention::softmax_rows`] with AVX-512 F enabled.
-///
-/// # Safety
-/// AVX-512 F must be available.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
-    crate::attention::softmax_rows(scores, cols, causal_past, sums)
-}
+// The attention kernels' generic code, compiled with this module's features.
+super::generic_kernels!("avx512f,avx2,fma", 16);

@@ -23,3 +23,42 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
         offset += 64;
     }
 }
+
+/// Instantiates the generic (auto-vectorised) kernels of [`crate::attention`] for one instruction set:
+/// the same source, compiled with `$features` enabled and `$lanes` f32 lanes per vector. Callers must
+/// only call them once the features were detected (see [`crate::isa::Isa`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! generic_kernels {
+    ($features:literal, $lanes:literal) => {
+        /// [`crate::attention::attend_positions`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn attend_positions(
+            q: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            positions: std::ops::Range<usize>,
+            s: &crate::AttentionShape,
+        ) -> crate::attention::Partial {
+            crate::attention::attend_positions::<$lanes>(q, keys, values, positions, s)
+        }
+
+        /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn softmax_rows(
+            scores: &mut [f32],
+            cols: usize,
+            causal_past: Option<usize>,
+            sums: &mut [f32],
+        ) {
+            crate::attention::softmax_rows(scores, cols, causal_past, sums)
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use generic_kernels;

@@ -383,26 +383,5 @@ pub(crate) unsafe fn gemv_quantized(
     }
 }
 
-/// [`crate::attention::attend_positions`] with AVX2 + FMA enabled (8-wide).
-///
-/// # Safety
-/// AVX2 and FMA must be available.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn attend_positions(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    positions: std::ops::Range<usize>,
-    s: &crate::AttentionShape,
-) -> crate::attention::Partial {
-    crate::attention::attend_positions::<8>(q, keys, values, positions, s)
-}
-
-/// [`crate::attention::softmax_rows`] with AVX2 + FMA enabled.
-///
-/// # Safety
-/// AVX2 + FMA must be available.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
-    crate::attention::softmax_rows(scores, cols, causal_past, sums)
-}
+// The attention kernels' generic code, compiled with this module's features.
+super::generic_kernels!("avx2,fma", 8);
