@@ -177,13 +177,13 @@ impl Mha {
     ) -> candle_core::Result<Tensor> {
         let t = input.x.dim(0)?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // [t, heads*hd] -> [1, heads, t, hd] for the rotary kernel.
         // q, k and v in one dispatch, sharing one conversion of x (decoding: 3 small products).
         let x = f32_rows(input.x)?;
         let [q, k, v]: [Vec<f32>; 3] = forward_many(&[&self.q, &self.k, &self.v], &[&x, &x, &x])
             .try_into()
             .expect("three products");
         let device = input.x.device();
+        // [t, heads*hd] -> [1, heads, t, hd] for the rotary kernel.
         let heads_first = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.unsqueeze(0);
         let q = rope.apply(
             &heads_first(Tensor::from_vec(q, (t, h * hd), device)?, h)?,
@@ -266,10 +266,9 @@ impl Mha {
 }
 
 impl Mha {
-    /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place
-    /// by the kernels' split-over-positions attention (the general path transposes and copies the
-    /// cache into per-head matrices for candle's matmul: at a 1000-token context, ~10 MB of copying
-    /// per layer and token). Returns `[1, h*hd]`.
+    /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place by
+    /// the kernels' decode attention, which splits the positions (not the heads) over the threads,
+    /// so the cache streams through once. Returns `[1, h*hd]`.
     fn attend_one(&self, q: &Tensor, k_all: &Tensor, v_all: &Tensor) -> candle_core::Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let q = f32_rows(q)?;
