@@ -51,15 +51,22 @@ pub(crate) struct Partial {
 ///
 /// # Panics
 /// If a slice is shorter than `shape` and `len` require, or `heads` is not a multiple of `kv_heads`.
-pub fn decode_attention(q: &[f32], keys: &[f32], values: &[f32], len: usize, shape: &AttentionShape, out: &mut [f32]) {
+pub fn decode_attention<T: CacheValue>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    len: usize,
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
     decode_attention_isa(Isa::detect(), q, keys, values, len, shape, out)
 }
 
-pub(crate) fn decode_attention_isa(
+pub(crate) fn decode_attention_isa<T: CacheValue>(
     isa: Isa,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     len: usize,
     s: &AttentionShape,
     out: &mut [f32],
@@ -86,7 +93,7 @@ pub(crate) fn decode_attention_isa(
         "values shorter than {len} positions"
     );
     // Enough tasks to balance the threads, each reading at least ~64 KiB of cache.
-    let row_bytes = 4 * (s.kv_heads * (s.key_dim + s.value_dim));
+    let row_bytes = std::mem::size_of::<T>() * (s.kv_heads * (s.key_dim + s.value_dim));
     let min_rows = (64 * 1024 / row_bytes.max(1)).max(1);
     let chunk = len.div_ceil(4 * rayon::current_num_threads().max(1)).max(min_rows);
     let partials: Vec<Partial> = (0..len.div_ceil(chunk))
@@ -116,27 +123,58 @@ fn merge(partials: &[Partial], s: &AttentionShape, out: &mut [f32]) {
     }
 }
 
+/// A value type a cache can hold: f32, or f16 (half the bytes to stream per decoded token).
+pub trait CacheValue: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl CacheValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl CacheValue for half::f16 {
+    /// Exact, with integer and float operations only, so that loops over it vectorise (the `half`
+    /// crate's conversion is a call per value unless F16C is enabled for the whole build).
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        let bits = self.to_bits() as u32;
+        let magnitude = bits & 0x7FFF;
+        // Exponent and mantissa moved into place, then rescaled by 2^112: exact for normal and
+        // subnormal values alike.
+        let finite = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+        let value = if magnitude >= 0x7C00 {
+            f32::from_bits(0x7F80_0000 | (magnitude & 0x3FF) << 13) // infinity or NaN
+        } else {
+            finite
+        };
+        f32::from_bits(value.to_bits() | (bits & 0x8000) << 16)
+    }
+}
+
 /// Dot product with `L` independent partial sums (the compiler turns them into one vector register).
 #[inline(always)]
-fn dot<const L: usize>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const L: usize, T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
     let (ac, at) = a.as_chunks::<L>();
     let (bc, bt) = b.as_chunks::<L>();
     let mut acc = [0f32; L];
     for (x, y) in ac.iter().zip(bc) {
         for l in 0..L {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].to_f32();
         }
     }
-    acc.iter().sum::<f32>() + at.iter().zip(bt).map(|(x, y)| x * y).sum::<f32>()
+    acc.iter().sum::<f32>() + at.iter().zip(bt).map(|(x, y)| x * y.to_f32()).sum::<f32>()
 }
 
 /// One task's positions, every head. Generic over the vector width `L` so that the same code is
 /// compiled for each instruction set (see [`Isa::attend_positions`]).
 #[inline(always)]
-pub(crate) fn attend_positions<const L: usize>(
+pub(crate) fn attend_positions<const L: usize, T: CacheValue>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     positions: std::ops::Range<usize>,
     s: &AttentionShape,
 ) -> Partial {
@@ -147,7 +185,7 @@ pub(crate) fn attend_positions<const L: usize>(
         let row = &keys[j * s.key_stride..];
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
-            scores[h * n + i] = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
+            scores[h * n + i] = dot::<L, T>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
         }
     }
     let mut max = vec![f32::NEG_INFINITY; s.heads];
@@ -165,7 +203,7 @@ pub(crate) fn attend_positions<const L: usize>(
             let v = &row[(h / group) * s.value_dim..(h / group + 1) * s.value_dim];
             let p = scores[h * n + i];
             let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
-            acc.iter_mut().zip(v).for_each(|(a, v)| *a += p * v);
+            acc.iter_mut().zip(v).for_each(|(a, v)| *a += p * v.to_f32());
         }
     }
     Partial { max, sum, acc }
@@ -173,16 +211,16 @@ pub(crate) fn attend_positions<const L: usize>(
 
 impl Isa {
     /// [`attend_positions`] compiled for this instruction set (vector width and features).
-    fn attend_positions(
+    fn attend_positions<T: CacheValue>(
         self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         positions: std::ops::Range<usize>,
         s: &AttentionShape,
     ) -> Partial {
         match self {
-            Isa::Scalar => attend_positions::<8>(q, keys, values, positions, s),
+            Isa::Scalar => attend_positions::<8, T>(q, keys, values, positions, s),
             // SAFETY: these variants are only constructed after their features were detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, positions, s) },

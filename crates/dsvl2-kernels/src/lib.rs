@@ -25,7 +25,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{decode_attention, prefill_attention, AttentionShape, HeadRows, PrefillShape};
+pub use attention::{decode_attention, prefill_attention, AttentionShape, CacheValue, HeadRows, PrefillShape};
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
 pub use packed::{PackedMatrix, SharedBytes};

@@ -694,3 +694,47 @@ fn shared_bytes_are_used_in_place_and_checked() {
         }
     }
 }
+
+#[test]
+fn f16_cache_values_widen_exactly() {
+    use crate::CacheValue;
+    for bits in 0..=u16::MAX {
+        let h = f16::from_bits(bits);
+        let (got, want) = (h.to_f32_const(), CacheValue::to_f32(h));
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{bits:#06x}: {want} vs half's {got}"
+        );
+    }
+}
+
+#[test]
+fn decode_attention_reads_f16_caches() {
+    let shape = AttentionShape {
+        heads: 4,
+        kv_heads: 2,
+        key_dim: 24,
+        value_dim: 24,
+        key_stride: 48,
+        value_stride: 48,
+        scale: 0.2,
+    };
+    let len = 300;
+    let q = test_data(shape.heads * shape.key_dim, 1);
+    let round = |v: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
+        let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        let back = h.iter().map(|x| x.to_f32()).collect();
+        (h, back)
+    };
+    let (keys16, keys) = round(test_data(len * shape.key_stride, 2));
+    let (values16, values) = round(test_data(len * shape.value_stride, 3));
+    let want = attention_reference(&q, &keys, &values, len, &shape);
+    let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+    for isa in isas() {
+        let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
+        decode_attention_isa(isa, &q, &keys16, &values16, len, &shape, &mut out);
+        for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+            assert!((g as f64 - w).abs() <= 1e-5 * scale, "{isa:?} [{i}]: {g} vs {w}");
+        }
+    }
+}

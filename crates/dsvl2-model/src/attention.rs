@@ -5,11 +5,11 @@
 //! token of each of B sequences): the projections run on all rows at once (weights are read once),
 //! then each sequence's rows attend over that sequence's own cache ([`Segment`]).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use dsvl2_config::LanguageConfig;
 
 use crate::cache::{GrowingTensor, LayerCache};
-use crate::linear::{f32_rows, forward_many, with_f32_slice, Linear};
+use crate::linear::{f32_rows, forward_many, with_cpu_slice, with_f32_slice, Linear};
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
@@ -67,15 +67,16 @@ impl Attention {
         }
     }
 
-    pub fn new_cache(&self) -> LayerCache {
+    /// An empty cache holding its values as `dtype` (f32, or f16 to halve what decoding streams).
+    pub fn new_cache(&self, dtype: DType) -> LayerCache {
         match self {
             Attention::Mha(_) => LayerCache::Mha {
-                keys: GrowingTensor::default(),
-                values: GrowingTensor::default(),
+                keys: GrowingTensor::new(dtype),
+                values: GrowingTensor::new(dtype),
             },
             Attention::Mla(_) => LayerCache::Mla {
-                latent: GrowingTensor::default(),
-                rope_key: GrowingTensor::default(),
+                latent: GrowingTensor::new(dtype),
+                rope_key: GrowingTensor::new(dtype),
             },
         }
     }
@@ -283,11 +284,18 @@ impl Mha {
         };
         let mut out = vec![0f32; h * hd];
         let len = k_all.dim(0)?;
-        with_f32_slice(k_all, |keys| {
-            with_f32_slice(v_all, |values| {
-                decode_attention(&q, keys, values, len, &shape, &mut out)
-            })
-        })??;
+        match k_all.dtype() {
+            DType::F16 => with_cpu_slice::<half::f16, _>(k_all, |keys| {
+                with_cpu_slice::<half::f16, _>(v_all, |values| {
+                    decode_attention(&q, keys, values, len, &shape, &mut out)
+                })
+            })??,
+            _ => with_f32_slice(k_all, |keys| {
+                with_f32_slice(v_all, |values| {
+                    decode_attention(&q, keys, values, len, &shape, &mut out)
+                })
+            })??,
+        }
         Tensor::from_vec(out, (1, h * hd), k_all.device())
     }
 }
@@ -433,8 +441,9 @@ impl Mla {
         rope_key: &mut GrowingTensor,
     ) -> candle_core::Result<Tensor> {
         let (h, t) = (self.heads, q_rope.dim(1)?);
-        let c_all = latent.append(c)?; // [s, rank]
-        let k_rope_all = rope_key.append(k_rope)?; // [s, rope]
+        // [s, rank] and [s, rope], as f32 whatever the cache holds.
+        let c_all = latent.append(c)?.to_dtype(DType::F32)?;
+        let k_rope_all = rope_key.append(k_rope)?.to_dtype(DType::F32)?;
         let s = c_all.dim(0)?;
         let scores_rope = q_rope.reshape((h * t, self.rope_dim))?.matmul(&k_rope_all.t()?)?;
         let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;

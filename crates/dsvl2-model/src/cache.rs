@@ -2,26 +2,38 @@
 //! and the shared rotary key (kv_lora_rank + rope dims per token and layer), which is what makes
 //! MLA's cache several times smaller.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// A tensor that grows along dimension 0, with amortised doubling instead of a copy per token.
 /// Not `Clone`: copies must not share the buffer that `append` writes into (see [`Self::fork`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GrowingTensor {
     buffer: Option<Tensor>,
     len: usize,
+    /// What the values are stored as (appended values are converted).
+    dtype: DType,
 }
 
 impl GrowingTensor {
-    /// Appends `x` (`[n, ...]`) and returns everything so far (`[len, ...]`, contiguous).
+    pub fn new(dtype: DType) -> Self {
+        GrowingTensor {
+            buffer: None,
+            len: 0,
+            dtype,
+        }
+    }
+
+    /// Appends `x` (`[n, ...]`, converted to this tensor's dtype) and returns everything so far
+    /// (`[len, ...]`, contiguous, in this tensor's dtype).
     pub fn append(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(self.dtype)?;
         let n = x.dim(0)?;
         let needed = self.len + n;
         let capacity = self.buffer.as_ref().map_or(0, |b| b.dims()[0]);
         if needed > capacity {
             let mut dims = x.dims().to_vec();
             dims[0] = needed.max(2 * capacity).max(16);
-            let grown = Tensor::zeros(dims, x.dtype(), x.device())?;
+            let grown = Tensor::zeros(dims, self.dtype, x.device())?;
             if let Some(old) = &self.buffer {
                 grown.slice_set(&old.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
             }
@@ -39,7 +51,11 @@ impl GrowingTensor {
             Some(b) => Some(b.copy()?),
             None => None,
         };
-        Ok(GrowingTensor { buffer, len: self.len })
+        Ok(GrowingTensor {
+            buffer,
+            len: self.len,
+            dtype: self.dtype,
+        })
     }
 
     /// Keeps the first `len` rows (the buffer is reused).

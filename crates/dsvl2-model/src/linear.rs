@@ -137,14 +137,23 @@ impl Activation {
 /// Runs `f` on the values of `x` as a row-major f32 slice, borrowing the tensor's own storage
 /// when it is already contiguous f32 (vision activations are tens of megabytes).
 pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    with_cpu_slice::<f32, R>(&x.to_dtype(DType::F32)?, f)
+}
+
+/// Runs `f` on the values of `x` (of dtype `T`) as a row-major slice, borrowing the tensor's own
+/// storage when it is contiguous.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    x: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(cpu) => {
             let start = layout.start_offset();
-            Ok(f(&cpu.as_slice::<f32>()?[start..start + x.elem_count()]))
+            Ok(f(&cpu.as_slice::<T>()?[start..start + x.elem_count()]))
         }
-        _ => candle_core::bail!("dsvl2's linear kernels run on the CPU"),
+        _ => candle_core::bail!("dsvl2's kernels run on the CPU"),
     }
 }
 

@@ -35,14 +35,14 @@ macro_rules! generic_kernels {
         /// # Safety
         /// This module's features must be available.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn attend_positions(
+        pub(crate) unsafe fn attend_positions<T: crate::CacheValue>(
             q: &[f32],
-            keys: &[f32],
-            values: &[f32],
+            keys: &[T],
+            values: &[T],
             positions: std::ops::Range<usize>,
             s: &crate::AttentionShape,
         ) -> crate::attention::Partial {
-            crate::attention::attend_positions::<$lanes>(q, keys, values, positions, s)
+            crate::attention::attend_positions::<$lanes, T>(q, keys, values, positions, s)
         }
 
         /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
