@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{gemm_strided, Strided};
 use crate::isa::Isa;
+use crate::OutPtr;
 
 /// Shape of a [`decode_attention`] call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,10 +192,7 @@ pub(crate) fn attend_positions<const L: usize, T: CacheValue>(
     let mut max = vec![f32::NEG_INFINITY; s.heads];
     let mut sum = vec![0f32; s.heads];
     for h in 0..s.heads {
-        let head = &mut scores[h * n..(h + 1) * n];
-        max[h] = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        head.iter_mut().for_each(|x| *x = crate::math::exp(*x - max[h]));
-        sum[h] = head.iter().sum();
+        (max[h], sum[h]) = crate::math::exp_shifted_in_place(&mut scores[h * n..(h + 1) * n]);
     }
     let mut acc = vec![0f32; s.heads * s.value_dim];
     for (i, j) in positions.enumerate() {
@@ -253,21 +251,6 @@ pub struct PrefillShape {
     /// Query `i` sees keys `0 ..= keys - queries + i` (the queries are the last positions); otherwise
     /// every query sees every key.
     pub causal: bool,
-}
-
-/// A raw pointer to the output, shared by the head tasks, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own head's columns (see `prefill_attention_isa`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The output element `offset` (a method, so that closures capture the whole `OutPtr`, which is
-    /// `Sync`, and not its raw-pointer field).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 fn check_rows(name: &str, rows: &HeadRows, positions: usize, width: usize) {
@@ -340,7 +323,7 @@ pub(crate) fn prefill_attention_isa(
         return;
     }
     let group = s.heads / s.kv_heads;
-    let out = OutPtr(out.as_mut_ptr());
+    let out = OutPtr::new(out);
     let (nq, nk) = (s.queries, s.keys);
     (0..s.heads).into_par_iter().for_each(|h| {
         let g = h / group;
@@ -412,7 +395,7 @@ pub(crate) fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<
     for ((i, row), sum) in scores.chunks_exact_mut(cols).enumerate().zip(sums) {
         let visible = causal_past.map_or(cols, |p| (p + i + 1).min(cols));
         let (seen, hidden) = row.split_at_mut(visible);
-        *sum = crate::math::exp_shifted_in_place(seen);
+        *sum = crate::math::exp_shifted_in_place(seen).1;
         hidden.fill(0.0);
     }
 }

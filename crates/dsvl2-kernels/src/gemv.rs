@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::format::Format;
 use crate::isa::Isa;
 use crate::quant::QuantizedActs;
-use crate::PackedMatrix;
+use crate::{OutPtr, PackedMatrix};
 
 /// Largest `m` handled by the GEMV kernels; above it dequantized panels + gemm are faster. Measured
 /// with `examples/kernel_bench.rs` on 6848x1280 (README): f32 GEMV wins up to m = 8, f16/bf16 (whose
@@ -20,13 +20,6 @@ pub(crate) fn max_m(format: Format) -> usize {
         Format::Q8_0 | Format::Q4K => 32,
     }
 }
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of elements (its own weight rows), see `gemv_rows`.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// Rows per task: enough tasks for load balancing (work stealing evens out the rest), but each task
 /// streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small.
@@ -61,7 +54,7 @@ impl<'a> Acts<'a> {
 unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std::ops::Range<usize>, y: OutPtr) {
     if let Acts::Quantized(q) = acts {
         let bytes = w.row_range_bytes(rows.start, rows.len());
-        isa.gemv_quantized(w.format(), bytes, rows.len(), q, m, y.0.add(rows.start), w.rows());
+        isa.gemv_quantized(w.format(), bytes, rows.len(), q, m, y.at(rows.start), w.rows());
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -69,7 +62,7 @@ unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std
         // SAFETY: AVX-512 detected; the sizes were checked by the caller (x: m · cols values, y above).
         let bytes = w.row_range_bytes(rows.start, rows.len());
         let (rs, cols) = (rows.start, w.cols());
-        crate::simd::avx512::gemv_float(w.format(), bytes, rows.len(), cols, x, m, y.0.add(rs), w.rows());
+        crate::simd::avx512::gemv_float(w.format(), bytes, rows.len(), cols, x, m, y.at(rs), w.rows());
         return;
     }
     let cols = w.cols();
@@ -93,7 +86,7 @@ unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std
             }
         }
         for (i, &v) in out.iter().enumerate() {
-            *y.0.add(i * w.rows() + r) = v;
+            *y.at(i * w.rows() + r) = v;
         }
     }
 }
@@ -104,7 +97,7 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
     }
     let acts = Acts::new(w.format(), x, m, w.cols());
     let chunk = rows_per_task(w.rows(), w.row_bytes());
-    let out = OutPtr(y.as_mut_ptr());
+    let out = OutPtr::new(y);
     (0..w.rows().div_ceil(chunk)).into_par_iter().for_each(|c| {
         let r0 = c * chunk;
         // SAFETY: y has m * rows elements (checked by the caller); tasks own disjoint row ranges.
@@ -147,7 +140,7 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
             continue;
         }
         let chunk = rows_per_task(w.rows(), w.row_bytes());
-        let y = OutPtr(job.y.as_mut_ptr());
+        let y = OutPtr::new(job.y);
         // Jobs reading the same activations (an MoE layer's gate/up projections of all experts) share
         // one conversion of them.
         let quantized = matches!(w.format(), Format::Q8_0 | Format::Q4K);

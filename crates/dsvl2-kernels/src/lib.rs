@@ -30,6 +30,26 @@ pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
 pub use packed::{PackedMatrix, SharedBytes};
 
+/// A raw output pointer shared by parallel tasks that each write a disjoint set of its elements (GEMV
+/// row chunks, attention heads); every use says which elements are its own.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(*mut f32);
+// SAFETY: tasks only write through it to elements no other task touches (see each use).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        OutPtr(out.as_mut_ptr())
+    }
+
+    /// The element `offset` (a method, so that closures capture the whole `OutPtr`, which is `Sync`,
+    /// and not its raw-pointer field).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// Errors from building a [`PackedMatrix`] or parsing a [`Format`].
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

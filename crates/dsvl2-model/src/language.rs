@@ -115,10 +115,11 @@ impl LanguageModel {
         &self.rope
     }
 
-    /// An empty cache. It holds f32 values when the weights are f32 (the reference's numbers),
-    /// otherwise f16: decoding reads the whole cache for every token (at a 1000-token context,
-    /// 128 MB of f32 keys and values in tiny against 613 MB of q8_0 weights), and with compact
-    /// weights the cache's own rounding is of the same order as theirs.
+    /// An empty cache. MHA keys and values are f32 when the weights are f32 (the reference's
+    /// numbers), otherwise f16: decoding reads the whole cache for every token (at a 1000-token
+    /// context, 128 MB of f32 keys and values in tiny against 613 MB of q8_0 weights), and with
+    /// compact weights the cache's own rounding is of the same order as theirs. MLA caches stay f32
+    /// (see [`Attention::new_cache`]).
     pub fn new_cache(&self) -> SequenceCache {
         let dtype = if self.lm_head.format() == Format::F32 {
             DType::F32
