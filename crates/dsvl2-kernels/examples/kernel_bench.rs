@@ -1,6 +1,6 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot]` (`gemv`: only
-//! the GEMV tables, `hot`: only the single-thread hot GEMV table).
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm]` (`gemv`: only
+//! the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM table).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -152,6 +152,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let gemv_only = std::env::args().any(|a| a == "gemv");
     let hot_only = std::env::args().any(|a| a == "hot");
+    let gemm_only = std::env::args().any(|a| a == "gemm");
     let reps = if quick { 5 } else { 15 };
     println!(
         "dsvl2-kernels bench: kernels {}, {} rayon threads",
@@ -171,7 +172,7 @@ fn main() {
         "{:<22} {:>6} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}",
         "shape", "format", "m=1 GB/s", "of mem bw", "m=1 µs", "m=2 GB/s", "m=4 GB/s", "m=8 GB/s", "m=8 µs"
     );
-    let shapes: &[(&str, usize, usize)] = if hot_only {
+    let shapes: &[(&str, usize, usize)] = if hot_only || gemm_only {
         &[]
     } else {
         &[("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)]
@@ -213,6 +214,12 @@ fn main() {
                 t * 1e6
             );
         }
+    }
+
+    if gemm_only {
+        gemm_table(peak, reps);
+        println!("\nload average at end: {}", load_average());
+        return;
     }
 
     // Compute ceiling of the GEMV kernels: one thread, an L2-resident 896x1280 matrix. Timed in CPU time
@@ -308,6 +315,12 @@ fn main() {
         println!();
     }
 
+    gemm_table(peak, reps);
+    println!("\nload average at end: {}", load_average());
+}
+
+/// GFLOP/s of the large-`m` products (vision tower, prefill) in every format, beside candle.
+fn gemm_table(peak: Option<f64>, reps: usize) {
     println!("\n== GEMM (GFLOP/s; `of peak` relative to the FMA peak above) ==");
     println!(
         "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
@@ -315,6 +328,8 @@ fn main() {
     );
     for (m, cols, rows) in [
         (3645, 1152, 4304),
+        (3645, 4304, 1152),
+        (3645, 1152, 3456),
         (729, 1152, 3456),
         (512, 1280, 6848),
         (256, 1280, 6848),
@@ -344,5 +359,4 @@ fn main() {
         }
         println!();
     }
-    println!("\nload average at end: {}", load_average());
 }

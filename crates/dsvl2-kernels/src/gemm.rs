@@ -10,9 +10,10 @@ use rayon::prelude::*;
 use crate::isa::Isa;
 use crate::PackedMatrix;
 
-/// f32 values per dequantized panel (16 MiB): large enough that gemm keeps its blocking efficient and
-/// the per-panel fork/join is negligible, small enough to stay cheap to keep around per thread.
-const PANEL_VALUES: usize = 4 << 20;
+/// Most f32 values per dequantized panel (32 MiB): every vision-tower weight (at most 4304x1152) fits
+/// in one, so its activations are packed once per product rather than once per panel; small enough
+/// to keep around per thread.
+const PANEL_VALUES: usize = 8 << 20;
 
 thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -25,6 +26,18 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// Whether [`gemm_strided`] goes to OpenBLAS: the build has it and `DSVL2_GEMM` is not `gemm`
+/// (which keeps the `gemm` crate, to compare the two in one build).
+pub(crate) fn use_blas() -> bool {
+    #[cfg(dsvl2_openblas)]
+    {
+        static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USE.get_or_init(|| std::env::var("DSVL2_GEMM").map_or(true, |v| v != "gemm"))
+    }
+    #[cfg(not(dsvl2_openblas))]
+    false
+}
+
 /// A matrix operand of [`gemm_strided`]: element `(row, col)` is at `ptr + row · row_stride + col · col_stride`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<T> {
@@ -33,7 +46,8 @@ pub(crate) struct Strided<T> {
     pub col_stride: usize,
 }
 
-/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]` with arbitrary strides, through the `gemm` crate.
+/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]` with arbitrary strides: through OpenBLAS when the
+/// build has it and the strides suit BLAS (see [`crate::blas`]), otherwise the `gemm` crate.
 ///
 /// # Safety
 /// Every element the shapes and strides address must be valid (for writing, in `dst`), and no other
@@ -46,6 +60,16 @@ pub(crate) unsafe fn gemm_strided(
     scale: f32,
     parallelism: gemm::Parallelism,
 ) {
+    #[cfg(dsvl2_openblas)]
+    if use_blas() {
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(n) => n.max(1),
+            _ => 1,
+        };
+        if crate::blas::sgemm((m, n, k), dst, lhs, rhs, scale, threads) {
+            return;
+        }
+    }
     let s = |x: usize| x as isize;
     gemm::gemm(
         m,
@@ -136,7 +160,9 @@ pub(crate) fn gemm_threads(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &
         unsafe { gemm_f32(m, rows, cols, x, wf, y, 0, rows, parallelism) };
         return;
     }
-    let panel_rows = (PANEL_VALUES / cols).clamp(64, rows.max(64)).min(rows);
+    // Equal panels: a last one of a few rows would run at a fraction of the speed.
+    let max_rows = (PANEL_VALUES / cols).clamp(64, rows.max(64));
+    let panel_rows = rows.div_ceil(rows.div_ceil(max_rows)).min(rows);
     let mut run = |panel: &mut Vec<f32>| {
         panel.resize(panel_rows * cols, 0.0);
         for r0 in (0..rows).step_by(panel_rows) {

@@ -13,6 +13,8 @@
 //! otherwise. See [`cpu_features`].
 
 mod attention;
+#[cfg(dsvl2_openblas)]
+mod blas;
 mod format;
 mod gemm;
 mod gemv;
@@ -76,6 +78,41 @@ pub enum KernelError {
     },
     #[error("unknown weight format {name:?} (valid: {valid})")]
     UnknownFormat { name: String, valid: String },
+}
+
+/// `y += bias` on every row of `y` (`bias.len()` values wide), then, with `gelu_tanh`, GELU's tanh
+/// approximation (as PyTorch's `gelu(approximate="tanh")`, within a few `f32::EPSILON`); in
+/// parallel and vectorised.
+///
+/// # Panics
+/// If `y.len()` is not a multiple of `bias.len()`.
+pub fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
+    use rayon::prelude::*;
+    let width = bias.map_or(1, <[f32]>::len).max(1);
+    assert!(
+        y.len().is_multiple_of(width),
+        "{} values are not rows of {width}",
+        y.len()
+    );
+    if bias.is_none() && !gelu_tanh {
+        return;
+    }
+    let isa = isa::Isa::detect();
+    // Whole rows of about 64 K values per task.
+    let rows = (65536 / width).max(1);
+    y.par_chunks_mut(rows * width)
+        .for_each(|chunk| isa.bias_activation(chunk, bias, gelu_tanh));
+}
+
+/// What runs the large f32 products (vision tower, prefill): `"openblas"` when the build found
+/// OpenBLAS (feature `openblas`, default) and `DSVL2_GEMM=gemm` does not ask for the `gemm` crate,
+/// otherwise `"gemm"`.
+pub fn gemm_backend() -> &'static str {
+    if gemm::use_blas() {
+        "openblas"
+    } else {
+        "gemm"
+    }
 }
 
 /// The kernel set in use on this CPU: `"avx512vnni+avx2+fma+f16c"`, `"avx2+fma+f16c"` or `"scalar"`.

@@ -21,6 +21,7 @@ mod vl;
 mod weights;
 
 pub use cache::SequenceCache;
+pub use dsvl2_kernels::gemm_backend;
 pub use error::ModelError;
 pub use generate::{check_context, generate, FinishReason, Generation};
 pub use language::LanguageModel;

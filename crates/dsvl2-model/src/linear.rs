@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use dsvl2_kernels::{Format, MatmulJob, PackedMatrix};
-use rayon::prelude::*;
 
 use crate::storage::linear_format;
 use crate::{ModelError, Weights};
@@ -78,9 +77,7 @@ impl Linear {
         self.forward_then(x, Activation::None)
     }
 
-    /// [`Self::forward`] followed by `activation`, applied in parallel while the output is still
-    /// ours (candle's element-wise ops run on one thread; the vision MLP's GELU over 5 tiles is
-    /// 15.7 M values per layer).
+    /// [`Self::forward`] followed by `activation`.
     pub fn forward_then(&self, x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let in_dim = self.in_dim();
@@ -90,48 +87,25 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let mut y = vec![0f32; rows * self.out_dim()];
         with_f32_slice(x, |input| self.weight.matmul(input, rows, &mut y))?;
-        self.add_bias(&mut y);
-        activation.apply(&mut y);
+        dsvl2_kernels::bias_activation(&mut y, self.bias.as_deref(), activation == Activation::GeluTanh);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim();
         Tensor::from_vec(y, out_dims, x.device())
     }
 
     fn add_bias(&self, y: &mut [f32]) {
-        if let Some(bias) = &self.bias {
-            for row in y.chunks_exact_mut(bias.len()) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
-        }
+        dsvl2_kernels::bias_activation(y, self.bias.as_deref(), false);
     }
 }
 
-/// An element-wise function fused into a linear layer's output.
+/// An element-wise function fused into a linear layer's output (applied in parallel, vectorised,
+/// while the output is still ours: candle's element-wise ops run on one thread, and the vision
+/// MLP's GELU over 5 tiles is 15.7 M values per layer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     None,
-    /// GELU, tanh approximation (SigLIP's MLP): `0.5 x (1 + tanh(u))`, computed as the identical
-    /// `x / (1 + exp(-2u))`, which needs one `exp` instead of libm's much slower `tanhf` (the tanh
-    /// form took 13% of the vision tower's time in a profile).
+    /// GELU, tanh approximation (SigLIP's MLP); see [`dsvl2_kernels::bias_activation`].
     GeluTanh,
-}
-
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-
-impl Activation {
-    fn apply(self, y: &mut [f32]) {
-        const CHUNK: usize = 1 << 14;
-        match self {
-            Activation::None => {}
-            Activation::GeluTanh => y.par_chunks_mut(CHUNK).for_each(|chunk| {
-                for v in chunk {
-                    let x = *v;
-                    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x);
-                    *v = x / (1.0 + (-2.0 * u).exp());
-                }
-            }),
-        }
-    }
 }
 
 /// Runs `f` on the values of `x` as a row-major f32 slice, borrowing the tensor's own storage

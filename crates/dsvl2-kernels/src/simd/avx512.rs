@@ -380,4 +380,4 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
 }
 
 // The attention kernels' generic code, compiled with this module's features.
-super::generic_kernels!("avx512f,avx2,fma", 16);
+super::generic_kernels!("avx512f,avx2,fma,f16c", 16);

@@ -30,7 +30,8 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
 #[cfg(target_arch = "x86_64")]
 macro_rules! generic_kernels {
     ($features:literal, $lanes:literal) => {
-        /// [`crate::attention::attend_positions`] compiled for this module's instruction set.
+        /// [`crate::attention::attend_positions`] compiled for this module's instruction set, which
+        /// includes F16C.
         ///
         /// # Safety
         /// This module's features must be available.
@@ -42,7 +43,7 @@ macro_rules! generic_kernels {
             positions: std::ops::Range<usize>,
             s: &crate::AttentionShape,
         ) -> crate::attention::Partial {
-            crate::attention::attend_positions::<$lanes, T>(q, keys, values, positions, s)
+            crate::attention::attend_positions::<$lanes, T>(q, keys, values, positions, s, true)
         }
 
         /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
@@ -57,6 +58,15 @@ macro_rules! generic_kernels {
             sums: &mut [f32],
         ) {
             crate::attention::softmax_rows(scores, cols, causal_past, sums)
+        }
+
+        /// [`crate::math::bias_activation`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
+            crate::math::bias_activation(y, bias, gelu_tanh)
         }
     };
 }

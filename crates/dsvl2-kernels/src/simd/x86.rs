@@ -384,4 +384,4 @@ pub(crate) unsafe fn gemv_quantized(
 }
 
 // The attention kernels' generic code, compiled with this module's features.
-super::generic_kernels!("avx2,fma", 8);
+super::generic_kernels!("avx2,fma,f16c", 8);

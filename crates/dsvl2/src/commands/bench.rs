@@ -73,6 +73,8 @@ pub struct Report {
     /// Threads of the compute pool (RAYON_NUM_THREADS or the cores available).
     pub threads: usize,
     pub cpu_features: String,
+    /// What runs the large f32 products: "openblas" or "gemm" (see `dsvl2_kernels::gemm_backend`).
+    pub gemm_backend: String,
     pub load_s: f64,
     /// Prompt template, tokenizing, image decoding and tiling.
     pub preprocess_s: f64,
@@ -192,6 +194,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: stored_dtype(&loaded.dir, args.load.dtype),
         threads: rayon::current_num_threads(),
         cpu_features: probe::cpu_features(),
+        gemm_backend: dsvl2_model::gemm_backend().into(),
         load_s: loaded.load_seconds,
         preprocess_s,
         vision_s,
@@ -353,6 +356,7 @@ fn table(r: &Report) -> String {
         ("dtype".into(), r.dtype.clone()),
         ("threads".into(), r.threads.to_string()),
         ("cpu features".into(), r.cpu_features.clone()),
+        ("gemm backend".into(), r.gemm_backend.clone()),
         ("load".into(), format!("{:.3} s", r.load_s)),
         ("preprocess".into(), format!("{:.3} s", r.preprocess_s)),
         (

@@ -1,0 +1,163 @@
+//! Large f32 products through OpenBLAS's `cblas_sgemm`, when the build found the library (the
+//! `openblas` feature, on by default; see `build.rs`).
+//!
+//! Why: on the vision tower's and prefill's shapes, OpenBLAS's hand-tuned kernels ran 10-30% faster
+//! than the `gemm` crate's on a 2-core Zen 3 (AVX2), every time, in one process, interleaved: e.g.
+//! 3645x1152 · 1152x4304 at 151-166 against 122-143 GFLOP/s (see the crate README). At `m` ≈ 100
+//! (a MoE expert's rows in a prompt) the two were equal.
+//!
+//! OpenBLAS runs single-threaded here: our rayon pool splits the product (by output rows or
+//! columns, whichever is larger) and each task makes one call. OpenBLAS's own thread pool would
+//! compete with rayon's threads for the same cores, and its workers spin after each call.
+
+use std::ffi::c_int;
+use std::sync::Once;
+
+use rayon::prelude::*;
+
+use crate::gemm::Strided;
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn cblas_sgemm(
+        order: c_int,
+        trans_a: c_int,
+        trans_b: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: f32,
+        a: *const f32,
+        lda: c_int,
+        b: *const f32,
+        ldb: c_int,
+        beta: f32,
+        c: *mut f32,
+        ldc: c_int,
+    );
+    fn openblas_set_num_threads(n: c_int);
+}
+
+/// Products with an inner or output dimension below this stay on the `gemm` crate.
+const SMALL_DIM: usize = 128;
+
+/// Below this many output rows (or columns) per task, a product is not split further.
+const MIN_SPLIT: usize = 64;
+
+/// A row-major BLAS operand: transposed or not, and its leading dimension. `None` when neither
+/// stride is 1 (BLAS cannot address it), or a size does not fit a C int.
+fn operand<T>(s: &Strided<T>, rows: usize, cols: usize) -> Option<(c_int, c_int)> {
+    let fits = |x: usize| c_int::try_from(x).ok();
+    if s.col_stride == 1 && (rows <= 1 || s.row_stride >= cols.max(1)) {
+        Some((NO_TRANS, fits(s.row_stride.max(cols).max(1))?))
+    } else if s.row_stride == 1 && (cols <= 1 || s.col_stride >= rows.max(1)) {
+        Some((TRANS, fits(s.col_stride.max(rows).max(1))?))
+    } else {
+        None
+    }
+}
+
+/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]` through OpenBLAS, split over `threads` rayon tasks.
+/// Returns `false` (having done nothing) when the strides are not BLAS-shaped.
+///
+/// # Safety
+/// As [`crate::gemm::gemm_strided`].
+pub(crate) unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
+    threads: usize,
+) -> bool {
+    static SINGLE_THREADED: Once = Once::new();
+    let fits = |x: usize| c_int::try_from(x).is_ok();
+    let (Some((ta, lda)), Some((tb, ldb)), Some((_, ldc))) = (
+        operand(&lhs, m, k),
+        operand(&rhs, k, n),
+        operand(&dst, m, n).filter(|&(t, _)| t == NO_TRANS),
+    ) else {
+        return false;
+    };
+    // Attention's products (k or n = head_dim, 72 in SigLIP) ran slower through OpenBLAS (69-94
+    // GFLOP/s on 729x72x729 with 2 threads) than the vision tower as a whole with the `gemm` crate.
+    if !(fits(m) && fits(n) && fits(k)) || k < SMALL_DIM || n < SMALL_DIM {
+        return false;
+    }
+    SINGLE_THREADED.call_once(|| openblas_set_num_threads(1));
+    let call = Call {
+        dst,
+        lhs,
+        rhs,
+        trans: (ta, tb),
+        leading: (lda, ldb, ldc),
+        k,
+        scale,
+    };
+    let split_rows = m >= n;
+    let len = if split_rows { m } else { n };
+    let tasks = threads.min(len / MIN_SPLIT).max(1);
+    if tasks == 1 {
+        call.run((0, m), (0, n));
+        return true;
+    }
+    let chunk = len.div_ceil(tasks);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let start = t * chunk;
+        let part = (start, chunk.min(len - start));
+        // SAFETY: the tasks write disjoint rows (or columns) of `dst`.
+        unsafe {
+            if split_rows {
+                call.run(part, (0, n))
+            } else {
+                call.run((0, m), part)
+            }
+        }
+    });
+    true
+}
+
+/// One product, callable on a block of its output from any thread.
+struct Call {
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    trans: (c_int, c_int),
+    leading: (c_int, c_int, c_int),
+    k: usize,
+    scale: f32,
+}
+
+// SAFETY: the pointers are only dereferenced by `run`, whose callers give each thread its own part
+// of `dst` (see `sgemm`'s contract).
+unsafe impl Sync for Call {}
+
+impl Call {
+    /// Output rows `r0 .. r0 + rows`, columns `c0 .. c0 + cols`.
+    ///
+    /// # Safety
+    /// No other thread may write that block at the same time.
+    unsafe fn run(&self, (r0, rows): (usize, usize), (c0, cols): (usize, usize)) {
+        let (lda, ldb, ldc) = self.leading;
+        cblas_sgemm(
+            ROW_MAJOR,
+            self.trans.0,
+            self.trans.1,
+            rows as c_int,
+            cols as c_int,
+            self.k as c_int,
+            self.scale,
+            self.lhs.ptr.add(r0 * self.lhs.row_stride),
+            lda,
+            self.rhs.ptr.add(c0 * self.rhs.col_stride),
+            ldb,
+            0.0,
+            self.dst.ptr.add(r0 * self.dst.row_stride + c0 * self.dst.col_stride),
+            ldc,
+        )
+    }
+}
