@@ -70,6 +70,21 @@ pub(crate) unsafe fn gemm_strided(
             return;
         }
     }
+    gemm_crate_strided((m, n, k), dst, lhs, rhs, scale, parallelism)
+}
+
+/// [`gemm_strided`] through the `gemm` crate, whatever the build has.
+///
+/// # Safety
+/// As [`gemm_strided`].
+pub(crate) unsafe fn gemm_crate_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
     let s = |x: usize| x as isize;
     gemm::gemm(
         m,
