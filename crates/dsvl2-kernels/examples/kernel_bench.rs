@@ -1,6 +1,7 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm]` (`gemv`: only
-//! the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM table).
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention]` (`gemv`: only
+//! the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM table,
+//! `attention`: only decode attention over an f16 cache).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -10,7 +11,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use dsvl2_kernels::{cpu_features, matmul_many, Format, MatmulJob, PackedMatrix};
+use dsvl2_kernels::{cpu_features, decode_attention, matmul_many, AttentionShape, Format, MatmulJob, PackedMatrix};
 use rayon::prelude::*;
 
 const COLD_BYTES: usize = 1 << 30;
@@ -153,6 +154,10 @@ fn main() {
     let gemv_only = std::env::args().any(|a| a == "gemv");
     let hot_only = std::env::args().any(|a| a == "hot");
     let gemm_only = std::env::args().any(|a| a == "gemm");
+    if std::env::args().any(|a| a == "attention") {
+        attention_table(if quick { 5 } else { 15 });
+        return;
+    }
     let reps = if quick { 5 } else { 15 };
     println!(
         "dsvl2-kernels bench: kernels {}, {} rayon threads",
@@ -358,5 +363,54 @@ fn gemm_table(peak: Option<f64>, reps: usize) {
             print!("   (f32 = {:.2} of peak)", flops / t / 1e9 / p);
         }
         println!();
+    }
+}
+
+/// Decode attention (one query per head over a sequence's f16 cache) at tiny's shape (10 heads of
+/// 128, MHA): cold (cycling through copies of the cache totalling more than `COLD_BYTES`, as 12 layers
+/// times 8 sequences do) and hot (one cache, L2/L3-resident), in cache GB/s.
+fn attention_table(reps: usize) {
+    let shape = AttentionShape {
+        heads: 10,
+        kv_heads: 10,
+        key_dim: 128,
+        value_dim: 128,
+        key_stride: 1280,
+        value_stride: 1280,
+        scale: 1.0 / (128f32).sqrt(),
+    };
+    println!("\n== decode attention, f16 cache, 10 heads x 128 (cache GB/s, median of {reps} rounds) ==");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10}",
+        "len", "cold µs", "cold GB/s", "hot µs", "hot GB/s"
+    );
+    let q = data(1280, 3);
+    let mut out = vec![0f32; 1280];
+    for len in [256usize, 1039, 4096] {
+        let cache: Vec<half::f16> = data(len * 1280, 5).into_iter().map(half::f16::from_f32).collect();
+        let bytes = 2 * 2 * cache.len();
+        let copies = COLD_BYTES.div_ceil(bytes).max(2);
+        let keys: Vec<Vec<half::f16>> = (0..copies).map(|_| cache.clone()).collect();
+        let values = keys.clone();
+        let mut next = 0;
+        let cold = median_secs(reps, |_| {
+            // One round visits every copy once; the figure is per call.
+            for _ in 0..copies {
+                next = (next + 1) % copies;
+                decode_attention(&q, &keys[next], &values[next], len, &shape, &mut out);
+            }
+        }) / copies as f64;
+        let hot = median_secs(reps, |_| {
+            for _ in 0..50 {
+                decode_attention(&q, &keys[0], &values[0], len, &shape, &mut out);
+            }
+        }) / 50.0;
+        println!(
+            "{len:>8} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            cold * 1e6,
+            bytes as f64 / cold / 1e9,
+            hot * 1e6,
+            bytes as f64 / hot / 1e9
+        );
     }
 }

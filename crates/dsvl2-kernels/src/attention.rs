@@ -185,31 +185,54 @@ impl CacheValue for half::f16 {
 }
 
 /// Dot product with four vectors of `L` partial sums: one vector's chain of dependent adds (about
-/// 3 cycles each) made a 128-wide dot latency-bound.
+/// 3 cycles each) made a 128-wide dot latency-bound. The four accumulators are separate arrays
+/// updated by plain lane loops: as one `[[f32; L]; 4]` indexed in nested loops, LLVM kept them on the
+/// stack and compiled the updates to scalar adds (perf), which made decode attention compute-bound.
 #[inline(always)]
 fn dot<const L: usize>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; L]; 4];
+    let (mut acc0, mut acc1, mut acc2, mut acc3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
     let (ac, at) = a.as_chunks::<L>();
     let (bc, bt) = b.as_chunks::<L>();
-    let (aq, bq) = (ac.chunks_exact(4), bc.chunks_exact(4));
-    let (ar, br) = (aq.remainder(), bq.remainder());
-    for (x, y) in aq.zip(bq) {
-        for k in 0..4 {
-            for l in 0..L {
-                acc[k][l] += x[k][l] * y[k][l];
-            }
-        }
-    }
-    for (x, y) in ar.iter().zip(br) {
+    let n = ac.len().min(bc.len());
+    let (ac, bc) = (&ac[..n], &bc[..n]);
+    let quads = n / 4;
+    for q in 0..quads {
+        let (x, y) = (&ac[4 * q..4 * q + 4], &bc[4 * q..4 * q + 4]);
         for l in 0..L {
-            acc[0][l] += x[l] * y[l];
+            acc0[l] += x[0][l] * y[0][l];
+            acc1[l] += x[1][l] * y[1][l];
+            acc2[l] += x[2][l] * y[2][l];
+            acc3[l] += x[3][l] * y[3][l];
         }
     }
-    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
-    (0..L)
-        .map(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]))
-        .sum::<f32>()
-        + tail
+    for (x, y) in ac[4 * quads..].iter().zip(&bc[4 * quads..]) {
+        for l in 0..L {
+            acc0[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in at.iter().zip(bt) {
+        tail += x * y;
+    }
+    for l in 0..L {
+        acc0[l] = (acc0[l] + acc1[l]) + (acc2[l] + acc3[l]);
+    }
+    sum_lanes::<L>(acc0) + tail
+}
+
+/// The sum of `L` (a power of two) lanes as a tree, halves added pairwise: that compiles to a few
+/// vector shuffles and adds. Summed left to right, it was a chain of `L` dependent scalar adds on
+/// values spilled to the stack, and the largest cost of decode attention (perf).
+#[inline(always)]
+fn sum_lanes<const L: usize>(mut v: [f32; L]) -> f32 {
+    let mut width = L;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+    }
+    v[0]
 }
 
 /// One task's positions, every head. Generic over the vector width `L` so that the same code is
@@ -245,10 +268,43 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     for h in 0..s.heads {
         (max[h], sum[h]) = crate::math::exp_shifted_in_place(&mut scores[h * n..(h + 1) * n]);
     }
+    // Values four positions at a time: each head's accumulator row is loaded and stored once per
+    // four rows instead of once per row (that traffic was most of this loop's work).
     let mut acc = vec![0f32; s.heads * s.value_dim];
-    for (i, j) in positions.enumerate() {
-        prefetch_row(values, (j + 2) * s.value_stride, value_width);
-        let row = T::widen(&values[j * s.value_stride..][..value_width], &mut buf, f16c);
+    let mut bufs = [
+        buf,
+        vec![0f32; value_width],
+        vec![0f32; value_width],
+        vec![0f32; value_width],
+    ];
+    let start = positions.start;
+    let mut i = 0;
+    while i + 4 <= n {
+        let [b0, b1, b2, b3] = &mut bufs;
+        let j = start + i;
+        let rows = [
+            value_row(values, j, s, b0, f16c),
+            value_row(values, j + 1, s, b1, f16c),
+            value_row(values, j + 2, s, b2, f16c),
+            value_row(values, j + 3, s, b3, f16c),
+        ];
+        for h in 0..s.heads {
+            let offset = (h / group) * s.value_dim;
+            // Plain indexing, no closures: closures do not inherit the caller's target features,
+            // and `array::map` / `from_fn` here were left as calls (perf).
+            let (v0, v1) = (&rows[0][offset..][..s.value_dim], &rows[1][offset..][..s.value_dim]);
+            let (v2, v3) = (&rows[2][offset..][..s.value_dim], &rows[3][offset..][..s.value_dim]);
+            let p = &scores[h * n + i..h * n + i + 4];
+            let (p0, p1, p2, p3) = (p[0], p[1], p[2], p[3]);
+            let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
+            for d in 0..s.value_dim {
+                acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+            }
+        }
+        i += 4;
+    }
+    for i in i..n {
+        let row = value_row(values, start + i, s, &mut bufs[0], f16c);
         for h in 0..s.heads {
             let v = &row[(h / group) * s.value_dim..(h / group + 1) * s.value_dim];
             let p = scores[h * n + i];
@@ -257,6 +313,24 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
         }
     }
     Partial { max, sum, acc }
+}
+
+/// The values of position `j` as f32 (widened into `buf` if need be), with those four positions
+/// ahead prefetched.
+///
+/// # Safety
+/// As [`CacheValue::widen`] for `f16c`.
+#[inline(always)]
+unsafe fn value_row<'a, T: CacheValue>(
+    values: &'a [T],
+    j: usize,
+    s: &AttentionShape,
+    buf: &'a mut [f32],
+    f16c: bool,
+) -> &'a [f32] {
+    let width = s.kv_heads * s.value_dim;
+    prefetch_row(values, (j + 4) * s.value_stride, width);
+    T::widen(&values[j * s.value_stride..][..width], buf, f16c)
 }
 
 /// Asks for `len` values of `cache` from `start` on to be loaded into the cache (see
