@@ -134,6 +134,14 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     /// With `f16c`, the CPU must have the F16C conversion instructions (and AVX2).
     #[doc(hidden)]
     unsafe fn widen<'a>(src: &'a [Self], buf: &'a mut [f32], f16c: bool) -> &'a [f32];
+
+    /// `Σ q·k` with the explicit AVX2 (`L` = 8) or AVX-512 (`L` = 16) kernel.
+    ///
+    /// # Safety
+    /// The instruction set of `L` must be available (AVX2, FMA and F16C; AVX-512 F for 16).
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[Self]) -> f32;
 }
 
 impl CacheValue for f32 {
@@ -145,6 +153,16 @@ impl CacheValue for f32 {
     #[inline(always)]
     unsafe fn widen<'a>(src: &'a [f32], _: &'a mut [f32], _: bool) -> &'a [f32] {
         src
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[f32]) -> f32 {
+        if L == 16 {
+            crate::simd::avx512::dot_f32(q, k)
+        } else {
+            crate::simd::x86::dot_f32(q, k)
+        }
     }
 }
 
@@ -181,6 +199,16 @@ impl CacheValue for half::f16 {
         let _ = f16c;
         buf.iter_mut().zip(src).for_each(|(d, v)| *d = v.to_f32());
         buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[half::f16]) -> f32 {
+        if L == 16 {
+            crate::simd::avx512::dot_f16(q, k)
+        } else {
+            crate::simd::x86::dot_f16(q, k)
+        }
     }
 }
 
@@ -257,7 +285,17 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     let mut scores = vec![0f32; s.heads * n];
     for (i, j) in positions.clone().enumerate() {
         prefetch_row(keys, (j + 2) * s.key_stride, key_width);
-        let row = T::widen(&keys[j * s.key_stride..][..key_width], &mut buf, f16c);
+        let keys = &keys[j * s.key_stride..][..key_width];
+        // With F16C (the AVX2 and AVX-512 sets), explicit kernels read f16 keys in place.
+        #[cfg(target_arch = "x86_64")]
+        if f16c {
+            for h in 0..s.heads {
+                let k = &keys[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
+                scores[h * n + i] = T::simd_dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
+            }
+            continue;
+        }
+        let row = T::widen(keys, &mut buf, f16c);
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
             scores[h * n + i] = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;

@@ -780,33 +780,40 @@ fn f16_cache_values_widen_exactly() {
 
 #[test]
 fn decode_attention_reads_f16_caches() {
-    let shape = AttentionShape {
-        heads: 4,
-        kv_heads: 2,
-        key_dim: 24,
-        value_dim: 24,
-        key_stride: 48,
-        value_stride: 48,
-        scale: 0.2,
-    };
-    let len = 300;
-    let q = test_data(shape.heads * shape.key_dim, 1);
-    let round = |v: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
-        let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-        let back = h.iter().map(|x| x.to_f32()).collect();
-        (h, back)
-    };
-    let (keys16, keys) = round(test_data(len * shape.key_stride, 2));
-    let (values16, values) = round(test_data(len * shape.value_stride, 3));
-    let want = attention_reference(&q, &keys, &values, len, &shape);
-    let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
-    for isa in isas() {
-        let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
-        decode_attention_isa(isa, &q, &keys16, &values16, len, &shape, &mut out);
-        for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-            // Tolerance 1e-5: measured worst 4.1e-8 (the cache values are exact in f16 and in the reference);
-            // the margin covers other CPUs' summation orders.
-            assert!((g as f64 - w).abs() <= 1e-5 * scale, "{isa:?} [{i}]: {g} vs {w}");
+    // Head widths that exercise every part of the explicit SIMD dot products: 128 (tiny's heads:
+    // the four-accumulator loop), 24 (single vectors and, with 16 lanes, a scalar tail), 19 (tails).
+    for (heads, kv_heads, dim) in [(4, 2, 24), (4, 4, 128), (3, 1, 19)] {
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            key_dim: dim,
+            value_dim: dim,
+            key_stride: kv_heads * dim,
+            value_stride: kv_heads * dim,
+            scale: 0.2,
+        };
+        let len = 300;
+        let q = test_data(shape.heads * shape.key_dim, 1);
+        let round = |v: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let back = h.iter().map(|x| x.to_f32()).collect();
+            (h, back)
+        };
+        let (keys16, keys) = round(test_data(len * shape.key_stride, 2));
+        let (values16, values) = round(test_data(len * shape.value_stride, 3));
+        let want = attention_reference(&q, &keys, &values, len, &shape);
+        let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+        for isa in isas() {
+            let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
+            decode_attention_isa(isa, &q, &keys16, &values16, len, &shape, &mut out);
+            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                // Tolerance 1e-5: measured worst 4.1e-8 (the cache values are exact in f16 and in the
+                // reference); the margin covers other CPUs' summation orders.
+                assert!(
+                    (g as f64 - w).abs() <= 1e-5 * scale,
+                    "{isa:?} {shape:?} [{i}]: {g} vs {w}"
+                );
+            }
         }
     }
 }

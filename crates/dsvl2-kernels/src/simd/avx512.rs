@@ -380,4 +380,44 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
 }
 
 // The attention kernels' generic code, compiled with this module's features.
+/// As `x86::dot_kernel`, with 16 lanes per vector.
+macro_rules! dot_kernel {
+    ($name:ident, $t:ty, |$p:ident| $load:expr) => {
+        /// # Safety
+        /// AVX-512 F, AVX2, FMA and F16C must be available.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub(crate) unsafe fn $name(a: &[f32], b: &[$t]) -> f32 {
+            let n = a.len().min(b.len());
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let $p = b.as_ptr().add(i + 16 * k);
+                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i + 16 * k)), $load, *acc);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let $p = b.as_ptr().add(i);
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), $load, acc[0]);
+                i += 16;
+            }
+            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(acc[0], acc[1]),
+                _mm512_add_ps(acc[2], acc[3]),
+            ));
+            for j in i..n {
+                sum += a[j] * crate::CacheValue::to_f32(b[j]);
+            }
+            sum
+        }
+    };
+}
+
+dot_kernel!(dot_f32, f32, |p| _mm512_loadu_ps(p));
+dot_kernel!(dot_f16, half::f16, |p| _mm512_cvtph_ps(_mm256_loadu_si256(
+    p as *const __m256i
+)));
+
 super::generic_kernels!("avx512f,avx2,fma,f16c", 16);
