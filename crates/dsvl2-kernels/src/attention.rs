@@ -142,6 +142,14 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     #[doc(hidden)]
     #[cfg(target_arch = "x86_64")]
     unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[Self]) -> f32;
+
+    /// `acc += Σ_k p[k]·v[k]` with the explicit AVX2 (`L` = 8) or AVX-512 (`L` = 16) kernel.
+    ///
+    /// # Safety
+    /// As [`Self::simd_dot`].
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[Self]; 4]);
 }
 
 impl CacheValue for f32 {
@@ -162,6 +170,16 @@ impl CacheValue for f32 {
             crate::simd::avx512::dot_f32(q, k)
         } else {
             crate::simd::x86::dot_f32(q, k)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[f32]; 4]) {
+        if L == 16 {
+            crate::simd::avx512::axpy4_f32(acc, p, v)
+        } else {
+            crate::simd::x86::axpy4_f32(acc, p, v)
         }
     }
 }
@@ -208,6 +226,16 @@ impl CacheValue for half::f16 {
             crate::simd::avx512::dot_f16(q, k)
         } else {
             crate::simd::x86::dot_f16(q, k)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[half::f16]; 4]) {
+        if L == 16 {
+            crate::simd::avx512::axpy4_f16(acc, p, v)
+        } else {
+            crate::simd::x86::axpy4_f16(acc, p, v)
         }
     }
 }
@@ -318,8 +346,31 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     let start = positions.start;
     let mut i = 0;
     while i + 4 <= n {
-        let [b0, b1, b2, b3] = &mut bufs;
         let j = start + i;
+        // With F16C, an explicit kernel reads the four rows in place (f16 widened in registers).
+        #[cfg(target_arch = "x86_64")]
+        if f16c {
+            for jj in j..j + 4 {
+                prefetch_row(values, (jj + 4) * s.value_stride, value_width);
+            }
+            let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
+            let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
+            for h in 0..s.heads {
+                let offset = (h / group) * s.value_dim;
+                let v = [
+                    &rows[0][offset..][..s.value_dim],
+                    &rows[1][offset..][..s.value_dim],
+                    &rows[2][offset..][..s.value_dim],
+                    &rows[3][offset..][..s.value_dim],
+                ];
+                let p = &scores[h * n + i..h * n + i + 4];
+                let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
+                T::simd_axpy4::<L>(acc, [p[0], p[1], p[2], p[3]], v);
+            }
+            i += 4;
+            continue;
+        }
+        let [b0, b1, b2, b3] = &mut bufs;
         let rows = [
             value_row(values, j, s, b0, f16c),
             value_row(values, j + 1, s, b1, f16c),
