@@ -292,11 +292,12 @@ fn sum_lanes<const L: usize>(mut v: [f32; L]) -> f32 {
 }
 
 /// One task's positions, every head. Generic over the vector width `L` so that the same code is
-/// compiled for each instruction set (see [`Isa::attend_positions`]); an f16 cache row is widened
-/// once (with F16C where `f16c`) and then read by every head.
+/// compiled for each instruction set (see [`Isa::attend_positions`]). With `f16c` (the AVX2 and
+/// AVX-512 sets), explicit kernels read the rows in place ([`CacheValue::simd_dot`],
+/// [`CacheValue::simd_axpy4`]); otherwise each f16 row is widened once into a buffer for all heads.
 ///
 /// # Safety
-/// As [`CacheValue::widen`] for `f16c`.
+/// With `f16c`, the instruction set of `L` must be available (see [`CacheValue::simd_dot`]).
 #[inline(always)]
 pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     q: &[f32],

@@ -380,95 +380,11 @@ unsafe fn float_tile<const R: usize, const G: usize, const KIND: u8>(
 }
 
 // The attention kernels' generic code, compiled with this module's features.
-/// As `x86::dot_kernel`, with 16 lanes per vector.
-macro_rules! dot_kernel {
-    ($name:ident, $t:ty, |$p:ident| $load:expr) => {
-        /// # Safety
-        /// AVX-512 F, AVX2, FMA and F16C must be available.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        pub(crate) unsafe fn $name(a: &[f32], b: &[$t]) -> f32 {
-            let n = a.len().min(b.len());
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 64 <= n {
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let $p = b.as_ptr().add(i + 16 * k);
-                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i + 16 * k)), $load, *acc);
-                }
-                i += 64;
-            }
-            while i + 16 <= n {
-                let $p = b.as_ptr().add(i);
-                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), $load, acc[0]);
-                i += 16;
-            }
-            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(
-                _mm512_add_ps(acc[0], acc[1]),
-                _mm512_add_ps(acc[2], acc[3]),
-            ));
-            for j in i..n {
-                sum += a[j] * crate::CacheValue::to_f32(b[j]);
-            }
-            sum
-        }
-    };
-}
-
-dot_kernel!(dot_f32, f32, |p| _mm512_loadu_ps(p));
-dot_kernel!(dot_f16, half::f16, |p| _mm512_cvtph_ps(_mm256_loadu_si256(
-    p as *const __m256i
-)));
-
-/// As `x86::axpy4_kernel`, with 16 lanes per vector.
-macro_rules! axpy4_kernel {
-    ($name:ident, $t:ty, |$p:ident| $load:expr) => {
-        /// # Safety
-        /// AVX-512 F, AVX2, FMA and F16C must be available.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        pub(crate) unsafe fn $name(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
-            let n = acc
-                .len()
-                .min(v[0].len())
-                .min(v[1].len())
-                .min(v[2].len())
-                .min(v[3].len());
-            let (p0, p1, p2, p3) = (
-                _mm512_set1_ps(p[0]),
-                _mm512_set1_ps(p[1]),
-                _mm512_set1_ps(p[2]),
-                _mm512_set1_ps(p[3]),
-            );
-            let mut i = 0;
-            while i + 16 <= n {
-                let $p = v[0].as_ptr().add(i);
-                let x0 = $load;
-                let $p = v[1].as_ptr().add(i);
-                let x1 = $load;
-                let $p = v[2].as_ptr().add(i);
-                let x2 = $load;
-                let $p = v[3].as_ptr().add(i);
-                let x3 = $load;
-                let sum = _mm512_add_ps(
-                    _mm512_fmadd_ps(p0, x0, _mm512_mul_ps(p1, x1)),
-                    _mm512_fmadd_ps(p2, x2, _mm512_mul_ps(p3, x3)),
-                );
-                let out = acc.as_mut_ptr().add(i);
-                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), sum));
-                i += 16;
-            }
-            for d in i..n {
-                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
-                acc[d] += (p[0] * x0 + p[1] * x1) + (p[2] * x2 + p[3] * x3);
-            }
-        }
-    };
-}
-
-axpy4_kernel!(axpy4_f32, f32, |p| _mm512_loadu_ps(p));
-axpy4_kernel!(axpy4_f16, half::f16, |p| _mm512_cvtph_ps(_mm256_loadu_si256(
-    p as *const __m256i
-)));
-
 super::generic_kernels!("avx512f,avx2,fma,f16c", 16);
+
+super::attention_kernels! {
+    features: "avx512f,avx2,fma,f16c", lanes: 16, zero: _mm512_setzero_ps, splat: _mm512_set1_ps,
+    load: _mm512_loadu_ps, store: _mm512_storeu_ps, add: _mm512_add_ps, mul: _mm512_mul_ps,
+    fmadd: _mm512_fmadd_ps, sum: _mm512_reduce_add_ps, widen_f16: _mm512_cvtph_ps, f16_bits: __m256i,
+    load_bits: _mm256_loadu_si256
+}

@@ -72,3 +72,93 @@ macro_rules! generic_kernels {
 }
 #[cfg(target_arch = "x86_64")]
 pub(crate) use generic_kernels;
+
+/// Instantiates decode attention's explicit kernels for one instruction set, reading cache rows of
+/// f32 or f16 in place (f16 widened in registers by `$widen`, so no f32 copy of each row is made):
+/// `dot_f32` / `dot_f16` give `Σ a·b` (the scores; four accumulators, then one horizontal `$sum`),
+/// and `axpy4_f32` / `axpy4_f16` do `acc += Σ_k p_k·v_k` over four rows (the values; each head's
+/// accumulator row is loaded and stored once per four positions). Written with intrinsics: LLVM
+/// vectorised the generic loops with stack spills and scalar adds (AVX-512) or 2-lane loads (AVX2),
+/// per `perf annotate`. The other arguments name the intrinsics for vectors of `$lanes` f32.
+#[cfg(target_arch = "x86_64")]
+macro_rules! attention_kernels {
+    (
+        features: $features:literal, lanes: $lanes:literal, zero: $zero:ident, splat: $splat:ident,
+        load: $load:ident, store: $store:ident, add: $add:ident, mul: $mul:ident, fmadd: $fmadd:ident,
+        sum: $sum:ident, widen_f16: $widen:ident, f16_bits: $bits:ty, load_bits: $load_bits:ident
+    ) => {
+        $crate::simd::attention_kernels!(@dot dot_f32, f32, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
+            |p| $load(p));
+        $crate::simd::attention_kernels!(@dot dot_f16, half::f16, $features, $lanes, $zero, $load, $add, $fmadd,
+            $sum, |p| $widen($load_bits(p as *const $bits)));
+        $crate::simd::attention_kernels!(@axpy4 axpy4_f32, f32, $features, $lanes, $splat, $load, $store, $add,
+            $mul, $fmadd, |p| $load(p));
+        $crate::simd::attention_kernels!(@axpy4 axpy4_f16, half::f16, $features, $lanes, $splat, $load, $store,
+            $add, $mul, $fmadd, |p| $widen($load_bits(p as *const $bits)));
+    };
+    (@dot $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
+        $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {
+        /// `Σ a·b` (see `attention_kernels!`).
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(a: &[f32], b: &[$t]) -> f32 {
+            let n = a.len().min(b.len());
+            let mut acc = [$zero(); 4];
+            let mut i = 0;
+            while i + 4 * $lanes <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let $p = b.as_ptr().add(i + $lanes * k);
+                    *acc = $fmadd($load(a.as_ptr().add(i + $lanes * k)), $row, *acc);
+                }
+                i += 4 * $lanes;
+            }
+            while i + $lanes <= n {
+                let $p = b.as_ptr().add(i);
+                acc[0] = $fmadd($load(a.as_ptr().add(i)), $row, acc[0]);
+                i += $lanes;
+            }
+            let mut sum = $sum($add($add(acc[0], acc[1]), $add(acc[2], acc[3])));
+            for j in i..n {
+                sum += a[j] * crate::CacheValue::to_f32(b[j]);
+            }
+            sum
+        }
+    };
+    (@axpy4 $name:ident, $t:ty, $features:literal, $lanes:literal, $splat:ident, $load:ident, $store:ident,
+        $add:ident, $mul:ident, $fmadd:ident, |$p:ident| $row:expr) => {
+        /// `acc += Σ_k p[k]·v[k]` (see `attention_kernels!`).
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
+            let n = acc.len().min(v[0].len()).min(v[1].len()).min(v[2].len()).min(v[3].len());
+            let (p0, p1, p2, p3) = ($splat(p[0]), $splat(p[1]), $splat(p[2]), $splat(p[3]));
+            let mut i = 0;
+            while i + $lanes <= n {
+                let $p = v[0].as_ptr().add(i);
+                let x0 = $row;
+                let $p = v[1].as_ptr().add(i);
+                let x1 = $row;
+                let $p = v[2].as_ptr().add(i);
+                let x2 = $row;
+                let $p = v[3].as_ptr().add(i);
+                let x3 = $row;
+                let sum = $add($fmadd(p0, x0, $mul(p1, x1)), $fmadd(p2, x2, $mul(p3, x3)));
+                let out = acc.as_mut_ptr().add(i);
+                $store(out, $add($load(out), sum));
+                i += $lanes;
+            }
+            for d in i..n {
+                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
+                acc[d] += (p[0] * x0 + p[1] * x1) + (p[2] * x2 + p[3] * x3);
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use attention_kernels;

@@ -383,100 +383,11 @@ pub(crate) unsafe fn gemv_quantized(
     }
 }
 
-/// Generates `Σ a·b` for decode attention's scores, with `b` of type `$t` loaded as 8 f32 lanes by
-/// `$load` (a pointer to 8 values in `$p`): four accumulators, then one horizontal sum. Written with
-/// intrinsics because LLVM vectorised the generic loop with 2-lane loads and stack spills here
-/// (perf), and so that f16 keys are widened in registers instead of through an f32 copy of the row.
-macro_rules! dot_kernel {
-    ($name:ident, $t:ty, |$p:ident| $load:expr) => {
-        /// # Safety
-        /// AVX2, FMA and F16C must be available.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(crate) unsafe fn $name(a: &[f32], b: &[$t]) -> f32 {
-            let n = a.len().min(b.len());
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 32 <= n {
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let $p = b.as_ptr().add(i + 8 * k);
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8 * k)), $load, *acc);
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                let $p = b.as_ptr().add(i);
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), $load, acc[0]);
-                i += 8;
-            }
-            let mut sum = hsum(_mm256_add_ps(
-                _mm256_add_ps(acc[0], acc[1]),
-                _mm256_add_ps(acc[2], acc[3]),
-            ));
-            for j in i..n {
-                sum += a[j] * crate::CacheValue::to_f32(b[j]);
-            }
-            sum
-        }
-    };
-}
-
-dot_kernel!(dot_f32, f32, |p| _mm256_loadu_ps(p));
-dot_kernel!(dot_f16, half::f16, |p| _mm256_cvtph_ps(_mm_loadu_si128(
-    p as *const __m128i
-)));
-
-/// Generates `acc += p0·v0 + p1·v1 + p2·v2 + p3·v3` (decode attention's values, four positions at
-/// once), each `v` loaded as 8 f32 lanes by `$load`, so f16 values need no f32 copy either.
-macro_rules! axpy4_kernel {
-    ($name:ident, $t:ty, |$p:ident| $load:expr) => {
-        /// # Safety
-        /// AVX2, FMA and F16C must be available.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(crate) unsafe fn $name(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
-            let n = acc
-                .len()
-                .min(v[0].len())
-                .min(v[1].len())
-                .min(v[2].len())
-                .min(v[3].len());
-            let (p0, p1, p2, p3) = (
-                _mm256_set1_ps(p[0]),
-                _mm256_set1_ps(p[1]),
-                _mm256_set1_ps(p[2]),
-                _mm256_set1_ps(p[3]),
-            );
-            let mut i = 0;
-            while i + 8 <= n {
-                let $p = v[0].as_ptr().add(i);
-                let x0 = $load;
-                let $p = v[1].as_ptr().add(i);
-                let x1 = $load;
-                let $p = v[2].as_ptr().add(i);
-                let x2 = $load;
-                let $p = v[3].as_ptr().add(i);
-                let x3 = $load;
-                let sum = _mm256_add_ps(
-                    _mm256_fmadd_ps(p0, x0, _mm256_mul_ps(p1, x1)),
-                    _mm256_fmadd_ps(p2, x2, _mm256_mul_ps(p3, x3)),
-                );
-                let out = acc.as_mut_ptr().add(i);
-                _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sum));
-                i += 8;
-            }
-            for d in i..n {
-                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
-                acc[d] += (p[0] * x0 + p[1] * x1) + (p[2] * x2 + p[3] * x3);
-            }
-        }
-    };
-}
-
-axpy4_kernel!(axpy4_f32, f32, |p| _mm256_loadu_ps(p));
-axpy4_kernel!(axpy4_f16, half::f16, |p| _mm256_cvtph_ps(_mm_loadu_si128(
-    p as *const __m128i
-)));
-
 // The attention kernels' generic code, compiled with this module's features.
 super::generic_kernels!("avx2,fma,f16c", 8);
+
+super::attention_kernels! {
+    features: "avx2,fma,f16c", lanes: 8, zero: _mm256_setzero_ps, splat: _mm256_set1_ps,
+    load: _mm256_loadu_ps, store: _mm256_storeu_ps, add: _mm256_add_ps, mul: _mm256_mul_ps,
+    fmadd: _mm256_fmadd_ps, sum: hsum, widen_f16: _mm256_cvtph_ps, f16_bits: __m128i, load_bits: _mm_loadu_si128
+}
