@@ -154,11 +154,11 @@ fn main() {
     let gemv_only = std::env::args().any(|a| a == "gemv");
     let hot_only = std::env::args().any(|a| a == "hot");
     let gemm_only = std::env::args().any(|a| a == "gemm");
+    let reps = if quick { 5 } else { 15 };
     if std::env::args().any(|a| a == "attention") {
-        attention_table(if quick { 5 } else { 15 });
+        attention_table(reps);
         return;
     }
-    let reps = if quick { 5 } else { 15 };
     println!(
         "dsvl2-kernels bench: kernels {}, {} rayon threads",
         cpu_features(),

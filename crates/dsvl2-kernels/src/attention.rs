@@ -338,12 +338,9 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     // Values four positions at a time: each head's accumulator row is loaded and stored once per
     // four rows instead of once per row (that traffic was most of this loop's work).
     let mut acc = vec![0f32; s.heads * s.value_dim];
-    let mut bufs = [
-        buf,
-        vec![0f32; value_width],
-        vec![0f32; value_width],
-        vec![0f32; value_width],
-    ];
+    // Widening buffers for four rows; with `f16c` only the first is used (by the tail loop below).
+    let widened = if f16c { 0 } else { value_width };
+    let mut bufs = [buf, vec![0f32; widened], vec![0f32; widened], vec![0f32; widened]];
     let start = positions.start;
     let mut i = 0;
     while i + 4 <= n {
@@ -380,8 +377,8 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
         ];
         for h in 0..s.heads {
             let offset = (h / group) * s.value_dim;
-            // Plain indexing, no closures: closures do not inherit the caller's target features,
-            // and `array::map` / `from_fn` here were left as calls (perf).
+            // Plain indexing, no closures: in an earlier AVX-512 build of this loop, `array::map`
+            // and `from_fn` closures here were left as calls (perf).
             let (v0, v1) = (&rows[0][offset..][..s.value_dim], &rows[1][offset..][..s.value_dim]);
             let (v2, v3) = (&rows[2][offset..][..s.value_dim], &rows[3][offset..][..s.value_dim]);
             let p = &scores[h * n + i..h * n + i + 4];
