@@ -9,9 +9,17 @@
 //! OpenBLAS runs single-threaded here: our rayon pool splits the product (by output rows or
 //! columns, whichever is larger) and each task makes one call. OpenBLAS's own thread pool would
 //! compete with rayon's threads for the same cores, and its workers spin after each call.
+//!
+//! OpenBLAS chooses its kernels when the library loads, from the CPU models it knows. A release older
+//! than the CPU falls back to SSE3 ("Prescott") kernels: Debian 12's 0.3.21 on an Emerald Rapids
+//! (Intel family 6 model 207) ran the vision tower's products at 41-65 GFLOP/s, against 270-295 with
+//! `OPENBLAS_CORETYPE=SkylakeX` and 200-300 on the `gemm` crate (tiny q8_0, 5 tiles: vision 54.8 s
+//! against 15.4 s and 21.1 s). So the kernels OpenBLAS chose are checked against the CPU: the `dsvl2`
+//! binary restarts itself with `OPENBLAS_CORETYPE` set when they are older ([`coretype_fix`]), and
+//! otherwise the products stay on the `gemm` crate ([`kernels_suit_cpu`]).
 
-use std::ffi::c_int;
-use std::sync::Once;
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::{Once, OnceLock};
 
 use rayon::prelude::*;
 
@@ -40,6 +48,112 @@ extern "C" {
         ldc: c_int,
     );
     fn openblas_set_num_threads(n: c_int);
+    fn openblas_get_corename() -> *const c_char;
+}
+
+/// The vector instructions a set of OpenBLAS kernels (or a CPU) uses for single-precision GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Tier {
+    /// SSE or AVX without FMA.
+    Older,
+    Avx2Fma,
+    Avx512,
+}
+
+/// The tier of OpenBLAS's x86-64 kernel sets, by `openblas_get_corename()` (its names, any case).
+fn kernel_tier(corename: &str) -> Tier {
+    match corename.to_ascii_lowercase().as_str() {
+        "skylakex" | "cooperlake" | "sapphirerapids" => Tier::Avx512,
+        "haswell" | "zen" => Tier::Avx2Fma,
+        _ => Tier::Older,
+    }
+}
+
+/// This CPU's tier, with the AVX-512 subsets OpenBLAS's SkylakeX kernels use.
+fn cpu_tier() -> Tier {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512cd")
+        {
+            return Tier::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Tier::Avx2Fma;
+        }
+    }
+    Tier::Older
+}
+
+/// The kernel set OpenBLAS chose: "Haswell", "SkylakeX", "Prescott", ...
+pub(crate) fn corename() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        // SAFETY: OpenBLAS returns a pointer to a static NUL-terminated string (or null).
+        let name = unsafe { openblas_get_corename() };
+        if name.is_null() {
+            return String::new();
+        }
+        // SAFETY: as above.
+        unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+    })
+}
+
+/// The `OPENBLAS_CORETYPE` that gives OpenBLAS kernels as new as this CPU, when the ones it chose are
+/// older and the user has not chosen: `"SkylakeX"` (AVX-512) or `"Haswell"` (AVX2 + FMA).
+pub(crate) fn coretype_fix() -> Option<&'static str> {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return None;
+    }
+    match (kernel_tier(corename()), cpu_tier()) {
+        (kernels, cpu) if kernels >= cpu => None,
+        (_, Tier::Avx512) => Some("SkylakeX"),
+        (_, Tier::Avx2Fma) => Some("Haswell"),
+        (_, Tier::Older) => None,
+    }
+}
+
+/// Whether OpenBLAS should run the large products: its kernels are as new as the CPU, or the user
+/// chose them with `OPENBLAS_CORETYPE`. Otherwise the `gemm` crate's are faster (see the module doc).
+pub(crate) fn kernels_suit_cpu() -> bool {
+    let suit = std::env::var_os("OPENBLAS_CORETYPE").is_some() || kernel_tier(corename()) >= cpu_tier();
+    if !suit {
+        tracing::warn!(
+            "OpenBLAS chose its {:?} kernels, older than this CPU; large products run on the `gemm` crate \
+             (set OPENBLAS_CORETYPE={} for OpenBLAS's own, faster, ones)",
+            corename(),
+            coretype_fix().unwrap_or("?")
+        );
+    }
+    suit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_sets_are_ranked_by_their_instructions() {
+        assert_eq!(kernel_tier("Prescott"), Tier::Older);
+        assert_eq!(kernel_tier("Sandybridge"), Tier::Older);
+        assert_eq!(kernel_tier("Haswell"), Tier::Avx2Fma);
+        assert_eq!(kernel_tier("ZEN"), Tier::Avx2Fma);
+        assert_eq!(kernel_tier("SkylakeX"), Tier::Avx512);
+        assert!(Tier::Older < Tier::Avx2Fma && Tier::Avx2Fma < Tier::Avx512);
+    }
+
+    /// The library this test links reports a name, and a suggested coretype is one of OpenBLAS's.
+    #[test]
+    fn coretype_fix_names_a_kernel_set_newer_than_the_chosen_one() {
+        assert!(!corename().is_empty());
+        if let Some(fix) = coretype_fix() {
+            assert!(kernel_tier(fix) > kernel_tier(corename()));
+            assert!(kernel_tier(fix) <= cpu_tier());
+        }
+    }
 }
 
 /// Products with an inner or output dimension below this stay on the `gemm` crate.

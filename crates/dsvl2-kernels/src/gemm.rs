@@ -26,13 +26,16 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// Whether [`gemm_strided`] goes to OpenBLAS: the build has it and `DSVL2_GEMM` is not `gemm`
-/// (which keeps the `gemm` crate, to compare the two in one build).
+/// Whether [`gemm_strided`] goes to OpenBLAS: the build has it, `DSVL2_GEMM` is not `gemm` (which
+/// keeps the `gemm` crate, to compare the two in one build), and OpenBLAS's kernels suit the CPU
+/// (see [`crate::blas`]).
 pub(crate) fn use_blas() -> bool {
     #[cfg(dsvl2_openblas)]
     {
         static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *USE.get_or_init(|| std::env::var("DSVL2_GEMM").map_or(true, |v| v != "gemm"))
+        *USE.get_or_init(|| {
+            std::env::var("DSVL2_GEMM").map_or(true, |v| v != "gemm") && crate::blas::kernels_suit_cpu()
+        })
     }
     #[cfg(not(dsvl2_openblas))]
     false

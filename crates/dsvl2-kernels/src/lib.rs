@@ -104,15 +104,27 @@ pub fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
         .for_each(|chunk| isa.bias_activation(chunk, bias, gelu_tanh));
 }
 
-/// What runs the large f32 products (vision tower, prefill): `"openblas"` when the build found
-/// OpenBLAS (feature `openblas`, default) and `DSVL2_GEMM=gemm` does not ask for the `gemm` crate,
-/// otherwise `"gemm"`.
-pub fn gemm_backend() -> &'static str {
+/// What runs the large f32 products (vision tower, prefill): `"openblas (SkylakeX kernels)"` (the
+/// kernel set OpenBLAS chose) when the build found OpenBLAS (feature `openblas`, default), its kernels
+/// suit the CPU and `DSVL2_GEMM=gemm` does not ask for the `gemm` crate; otherwise `"gemm"`.
+pub fn gemm_backend() -> String {
+    #[cfg(dsvl2_openblas)]
     if gemm::use_blas() {
-        "openblas"
-    } else {
-        "gemm"
+        return format!("openblas ({} kernels)", blas::corename());
     }
+    "gemm".into()
+}
+
+/// The `OPENBLAS_CORETYPE` a program should restart itself with, set in its environment, so that
+/// OpenBLAS (which picks its kernels when it loads) runs kernels as new as this CPU: `Some` only
+/// when the build links OpenBLAS, the variable is unset, and the kernels OpenBLAS chose are older
+/// than the CPU (an OpenBLAS release that predates the CPU model). Without the restart, the large
+/// products use the `gemm` crate.
+pub fn openblas_coretype_fix() -> Option<&'static str> {
+    #[cfg(dsvl2_openblas)]
+    return blas::coretype_fix();
+    #[cfg(not(dsvl2_openblas))]
+    None
 }
 
 /// The kernel set in use on this CPU: `"avx512vnni+avx2+fma+f16c"`, `"avx2+fma+f16c"` or `"scalar"`.

@@ -21,7 +21,7 @@ mod vl;
 mod weights;
 
 pub use cache::SequenceCache;
-pub use dsvl2_kernels::gemm_backend;
+pub use dsvl2_kernels::{gemm_backend, openblas_coretype_fix};
 pub use error::ModelError;
 pub use generate::{check_context, generate, FinishReason, Generation};
 pub use language::LanguageModel;

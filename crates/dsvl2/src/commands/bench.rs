@@ -73,7 +73,8 @@ pub struct Report {
     /// Threads of the compute pool (RAYON_NUM_THREADS or the cores available).
     pub threads: usize,
     pub cpu_features: String,
-    /// What runs the large f32 products: "openblas" or "gemm" (see `dsvl2_kernels::gemm_backend`).
+    /// What runs the large f32 products: "openblas (<its kernel set> kernels)" or "gemm" (see
+    /// `dsvl2_kernels::gemm_backend`).
     pub gemm_backend: String,
     pub load_s: f64,
     /// Prompt template, tokenizing, image decoding and tiling.
@@ -194,7 +195,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: stored_dtype(&loaded.dir, args.load.dtype),
         threads: rayon::current_num_threads(),
         cpu_features: probe::cpu_features(),
-        gemm_backend: dsvl2_model::gemm_backend().into(),
+        gemm_backend: dsvl2_model::gemm_backend(),
         load_s: loaded.load_seconds,
         preprocess_s,
         vision_s,
