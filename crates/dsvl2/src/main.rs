@@ -45,6 +45,7 @@ enum Command {
 /// `OPENBLAS_CORETYPE` environment variable, read at load, so the process replaces itself with the
 /// same command and that variable set (once: the new process sees it set). The start time that
 /// `bench` reports from is the process's, which `exec` keeps, so the restart is counted.
+#[cfg(unix)]
 fn restart_for_newer_openblas_kernels() {
     use std::os::unix::process::CommandExt;
     let Some(coretype) = dsvl2_model::openblas_coretype_fix() else {
@@ -63,6 +64,9 @@ fn restart_for_newer_openblas_kernels() {
     // Only reached when the restart failed; the large products then run on the `gemm` crate.
     eprintln!("warning: could not restart with OPENBLAS_CORETYPE={coretype} ({err}); continuing without it");
 }
+
+#[cfg(not(unix))]
+fn restart_for_newer_openblas_kernels() {}
 
 /// `mi_option_purge_delay` in mimalloc.h (v3), which the bindings do not name: the entry just before
 /// `mi_option_use_numa_nodes`, as the assertion below checks.
