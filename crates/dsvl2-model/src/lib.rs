@@ -31,7 +31,7 @@ pub use sampling::{Sampler, SamplingParams};
 pub use storage::{is_linear_weight, storage_format};
 pub use vision::VisionTower;
 pub use vl::{DeepseekVl2, ImageInputs, LayerTrace, LoadOptions};
-pub use weights::Weights;
+pub use weights::{GgufWeights, Weights};
 
 pub use candle_core::{DType, Device, Tensor};
 pub use dsvl2_kernels::{Format, PackedMatrix};

@@ -9,7 +9,7 @@ use dsvl2_kernels::Format;
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::vision::VisionTower;
-use crate::{ModelError, SequenceCache, Weights};
+use crate::{GgufWeights, ModelError, SequenceCache, Weights};
 
 /// Per-stage outputs of one prefill, for parity tests and debugging.
 #[derive(Debug, Default)]
@@ -40,12 +40,15 @@ pub struct LoadOptions {
     /// Storage of the linear layers' weights (`--dtype`); each layer gets the best format its
     /// shape allows (see [`crate::storage_format`]). Activations are always f32.
     pub weight_format: Format,
+    /// Where a GGUF file's quantized weights are read from while running (see [`GgufWeights`]).
+    pub gguf_weights: GgufWeights,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             weight_format: Format::F32,
+            gguf_weights: GgufWeights::Mapped,
         }
     }
 }
@@ -82,7 +85,8 @@ impl DeepseekVl2 {
         options: &LoadOptions,
         progress: Option<impl Fn(u64, u64) + 'static>,
     ) -> Result<Self, ModelError> {
-        let weights = Weights::open(&dir.weights, device, DType::F32)?.with_format(options.weight_format);
+        let weights = Weights::open_with(&dir.weights, device, DType::F32, options.gguf_weights)?
+            .with_format(options.weight_format);
         Self::load_from(weights, dir, progress)
     }
 

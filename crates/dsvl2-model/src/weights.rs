@@ -43,6 +43,22 @@ struct Entry {
     end: usize,
 }
 
+/// Where a GGUF file's quantized weight matrices (which the linear layers use as stored) are read
+/// from while the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GgufWeights {
+    /// In place, from a memory map of the file: the load is one read of the file, and processes using
+    /// the same file share its pages through the OS page cache (llama.cpp's default too).
+    #[default]
+    Mapped,
+    /// Copied at load into one anonymous buffer advised for 2 MiB pages. Decoding reads every active
+    /// weight once per token and ran faster from there: tiny q8_0, batch 1, four interleaved pairs
+    /// on a 2-vCPU Emerald Rapids VM, 2026-12-02, 26.3-30.1 tok/s mapped against 28.8-30.9 (means
+    /// 27.95 and 30.1). The copy is fresh memory, which the kernel zeroes on first touch: on that VM
+    /// the load went from 0.5-1 s to 2.7-8 s.
+    InMemory,
+}
+
 /// Bytes that tensors are read from.
 struct Source {
     /// The file the bytes come from (named in errors).
@@ -72,10 +88,20 @@ pub struct Weights {
 
 impl Weights {
     /// Maps every weight file and indexes its tensors. For sharded checkpoints the index must
-    /// agree with the shards' own headers.
+    /// agree with the shards' own headers. A GGUF file's quantized weights are used from the map.
     pub fn open(files: &WeightFiles, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        Self::open_with(files, device, dtype, GgufWeights::Mapped)
+    }
+
+    /// [`Self::open`], with a GGUF file's quantized weights read from where `gguf` says.
+    pub fn open_with(
+        files: &WeightFiles,
+        device: &Device,
+        dtype: DType,
+        gguf: GgufWeights,
+    ) -> Result<Self, ModelError> {
         let (sources, entries) = match files {
-            WeightFiles::Gguf { path, tensors } => open_gguf(path, tensors)?,
+            WeightFiles::Gguf { path, tensors } => open_gguf(path, tensors, gguf)?,
             _ => open_safetensors(files)?,
         };
         Ok(Weights {
@@ -401,25 +427,22 @@ fn open_safetensors(files: &WeightFiles) -> Result<Opened, ModelError> {
 
 /// Opens a GGUF file whose header `ModelDir` has already read and checked (offsets are absolute and
 /// inside the file). Every tensor is used as stored: the file's formats were chosen when it was
-/// written, by the same rule the loader uses.
-///
-/// The block tensors (q8_0, q4_k), which the linear layers use in place, are read into one anonymous
-/// buffer advised for 2 MiB pages rather than used from the file's own mapping. Decoding reads every
-/// activated weight once per token, and on 4 KiB file pages it ran slower: tiny q8_0, batch 1, two
-/// interleaved rounds on a 2-vCPU Emerald Rapids, 2026-12-02: 25.5-28.1 tok/s in place, against
-/// 30.1-30.4 from ordinary and 31.3-32.8 from huge-page memory (the same weights quantized at load).
-/// Reading the file in at load also moves the disk time out of the first request. The float tensors
-/// (norms, embeddings) are converted at load anyway and are read through a mapping of the file.
-fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Opened, ModelError> {
+/// written, by the same rule the loader uses. The block tensors (q8_0, q4_k), which the linear layers
+/// use in place, are read from the map or from an in-memory copy, as `gguf` says; the float tensors
+/// (norms, embeddings) are converted at load from the map.
+fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo], gguf: GgufWeights) -> Result<Opened, ModelError> {
     const FILE: usize = 0;
     const BLOCKS: usize = 1;
     let weights_error = |message: String| ModelError::Weights {
         path: path.to_path_buf(),
         message,
     };
-    let mapped = map_file(path, false)?;
+    let in_memory = gguf == GgufWeights::InMemory;
+    // Mapped: read the whole file in at once (every page will be needed), so the load takes the time
+    // of reading the file instead of page faults during the first request.
+    let mapped = map_file(path, !in_memory)?;
     let mut entries = BTreeMap::new();
-    // (file offset, offset in the block buffer, length) of each block tensor.
+    // (file offset, offset in the block buffer, length) of each block tensor copied.
     let mut copies = Vec::new();
     let mut buffer_len = 0;
     for t in tensors {
@@ -432,11 +455,12 @@ fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Op
                 t.name
             )));
         }
-        let (source, start) = if format.block_len() > 1 {
-            copies.push((start, buffer_len, len));
+        let (source, start) = if in_memory && format.block_len() > 1 {
             // Each tensor starts on a cache line, as the kernels' own copies do.
+            let offset = buffer_len;
+            copies.push((start, offset, len));
             buffer_len += len.next_multiple_of(64);
-            (BLOCKS, buffer_len - len.next_multiple_of(64))
+            (BLOCKS, offset)
         } else {
             (FILE, start)
         };
@@ -449,13 +473,20 @@ fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo]) -> Result<Op
         };
         entries.insert(t.name.clone(), entry);
     }
-    let blocks = read_into_huge_pages(path, &mapped, buffer_len.max(1), &copies)?;
     let source = |bytes: Mmap, file_backed| Source {
         path: path.to_path_buf(),
         bytes: Arc::new(bytes),
         file_backed,
     };
-    Ok((vec![source(mapped, true), source(blocks, false)], entries))
+    let mut sources = Vec::new();
+    if in_memory {
+        let blocks = read_into_huge_pages(path, &mapped, buffer_len.max(1), &copies)?;
+        sources.push(source(mapped, true));
+        sources.push(source(blocks, false));
+    } else {
+        sources.push(source(mapped, true));
+    }
+    Ok((sources, entries))
 }
 
 /// A read-only anonymous buffer of `len` bytes holding, for each `(file offset, offset, len)` of

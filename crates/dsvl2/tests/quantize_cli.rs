@@ -93,6 +93,9 @@ fn q8_0_gguf_answers_like_the_folder_loaded_as_q8_0() {
     assert_eq!(from_gguf.0.len(), 8);
     let from_folder = greedy(&model("tiny-like"), &["--dtype", "q8_0"]);
     assert_eq!(from_gguf, from_folder, "GGUF q8_0 vs folder --dtype q8_0");
+    // The same weights copied into memory at load instead of used from the file's map.
+    let copied = greedy(gguf.to_str().unwrap(), &["--no-mmap"]);
+    assert_eq!(copied, from_gguf, "GGUF q8_0 with --no-mmap");
 
     // A GGUF converts again (here to f16), its embedded files carried over.
     let again = dir.path().join("tiny-f16.gguf");

@@ -31,7 +31,10 @@ pub fn load_model(root: &Path, variant: &str) -> DeepseekVl2 {
 /// [`load_model`] with the linear weights stored in `format`.
 pub fn load_model_as(root: &Path, variant: &str, format: dsvl2_model::Format) -> DeepseekVl2 {
     let dir = ModelDir::open(root.join("models").join(variant)).expect("fixture model folder opens");
-    let options = dsvl2_model::LoadOptions { weight_format: format };
+    let options = dsvl2_model::LoadOptions {
+        weight_format: format,
+        ..Default::default()
+    };
     DeepseekVl2::load_with_options(&dir, &Device::Cpu, &options, None::<fn(u64, u64)>).expect("fixture model loads")
 }
 
