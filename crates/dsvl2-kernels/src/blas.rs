@@ -60,13 +60,24 @@ enum Tier {
     Avx512,
 }
 
-/// The tier of OpenBLAS's x86-64 kernel sets, by `openblas_get_corename()` (its names, any case).
-fn kernel_tier(corename: &str) -> Tier {
-    match corename.to_ascii_lowercase().as_str() {
+/// The tier of OpenBLAS's x86-64 kernel sets, by the names `openblas_get_corename()` gives (any case:
+/// builds for one target report it in capitals). `None` for a name not listed here, e.g. one added
+/// by a release newer than this code: those are trusted, since a release that knows a newer kernel
+/// set also knows newer CPUs.
+fn kernel_tier(corename: &str) -> Option<Tier> {
+    Some(match corename.to_ascii_lowercase().as_str() {
         "skylakex" | "cooperlake" | "sapphirerapids" => Tier::Avx512,
         "haswell" | "zen" => Tier::Avx2Fma,
-        _ => Tier::Older,
-    }
+        "katmai" | "coppermine" | "northwood" | "prescott" | "banias" | "atom" | "core2" | "penryn" | "dunnington"
+        | "nehalem" | "sandybridge" | "athlon" | "opteron" | "opteron(sse3)" | "barcelona" | "bobcat" | "bulldozer"
+        | "piledriver" | "steamroller" | "excavator" | "nano" | "generic" => Tier::Older,
+        _ => return None,
+    })
+}
+
+/// Whether the kernels OpenBLAS chose use older instructions than this CPU has.
+fn kernels_older_than_cpu() -> bool {
+    kernel_tier(corename()).is_some_and(|kernels| kernels < cpu_tier())
 }
 
 /// This CPU's tier, with the AVX-512 subsets OpenBLAS's SkylakeX kernels use.
@@ -105,21 +116,20 @@ pub(crate) fn corename() -> &'static str {
 /// The `OPENBLAS_CORETYPE` that gives OpenBLAS kernels as new as this CPU, when the ones it chose are
 /// older and the user has not chosen: `"SkylakeX"` (AVX-512) or `"Haswell"` (AVX2 + FMA).
 pub(crate) fn coretype_fix() -> Option<&'static str> {
-    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() || !kernels_older_than_cpu() {
         return None;
     }
-    match (kernel_tier(corename()), cpu_tier()) {
-        (kernels, cpu) if kernels >= cpu => None,
-        (_, Tier::Avx512) => Some("SkylakeX"),
-        (_, Tier::Avx2Fma) => Some("Haswell"),
-        (_, Tier::Older) => None,
+    match cpu_tier() {
+        Tier::Avx512 => Some("SkylakeX"),
+        Tier::Avx2Fma => Some("Haswell"),
+        Tier::Older => None,
     }
 }
 
 /// Whether OpenBLAS should run the large products: its kernels are as new as the CPU, or the user
 /// chose them with `OPENBLAS_CORETYPE`. Otherwise the `gemm` crate's are faster (see the module doc).
 pub(crate) fn kernels_suit_cpu() -> bool {
-    let suit = std::env::var_os("OPENBLAS_CORETYPE").is_some() || kernel_tier(corename()) >= cpu_tier();
+    let suit = std::env::var_os("OPENBLAS_CORETYPE").is_some() || !kernels_older_than_cpu();
     if !suit {
         tracing::warn!(
             "OpenBLAS chose its {:?} kernels, older than this CPU; large products run on the `gemm` crate \
@@ -129,31 +139,6 @@ pub(crate) fn kernels_suit_cpu() -> bool {
         );
     }
     suit
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_sets_are_ranked_by_their_instructions() {
-        assert_eq!(kernel_tier("Prescott"), Tier::Older);
-        assert_eq!(kernel_tier("Sandybridge"), Tier::Older);
-        assert_eq!(kernel_tier("Haswell"), Tier::Avx2Fma);
-        assert_eq!(kernel_tier("ZEN"), Tier::Avx2Fma);
-        assert_eq!(kernel_tier("SkylakeX"), Tier::Avx512);
-        assert!(Tier::Older < Tier::Avx2Fma && Tier::Avx2Fma < Tier::Avx512);
-    }
-
-    /// The library this test links reports a name, and a suggested coretype is one of OpenBLAS's.
-    #[test]
-    fn coretype_fix_names_a_kernel_set_newer_than_the_chosen_one() {
-        assert!(!corename().is_empty());
-        if let Some(fix) = coretype_fix() {
-            assert!(kernel_tier(fix) > kernel_tier(corename()));
-            assert!(kernel_tier(fix) <= cpu_tier());
-        }
-    }
 }
 
 /// Products with an inner or output dimension below this stay on the `gemm` crate.
@@ -273,5 +258,31 @@ impl Call {
             self.dst.ptr.add(r0 * self.dst.row_stride + c0 * self.dst.col_stride),
             ldc,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_sets_are_ranked_by_their_instructions() {
+        assert_eq!(kernel_tier("Prescott"), Some(Tier::Older));
+        assert_eq!(kernel_tier("Sandybridge"), Some(Tier::Older));
+        assert_eq!(kernel_tier("Haswell"), Some(Tier::Avx2Fma));
+        assert_eq!(kernel_tier("ZEN"), Some(Tier::Avx2Fma));
+        assert_eq!(kernel_tier("SkylakeX"), Some(Tier::Avx512));
+        assert_eq!(kernel_tier("SomeFutureCore"), None);
+        assert!(Tier::Older < Tier::Avx2Fma && Tier::Avx2Fma < Tier::Avx512);
+    }
+
+    /// The library this test links reports a name, and a suggested coretype is one of OpenBLAS's.
+    #[test]
+    fn coretype_fix_names_a_kernel_set_newer_than_the_chosen_one() {
+        assert!(!corename().is_empty());
+        if let Some(fix) = coretype_fix() {
+            assert!(kernel_tier(fix) > kernel_tier(corename()));
+            assert!(kernel_tier(fix) <= Some(cpu_tier()));
+        }
     }
 }

@@ -449,7 +449,7 @@ fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo], gguf: GgufWe
         let format = Format::from_ggml_type(t.ggml_type)
             .ok_or_else(|| weights_error(format!("tensor `{}` has unsupported ggml type {}", t.name, t.ggml_type)))?;
         let (start, len) = (t.offset as usize, t.nbytes as usize);
-        if start + len > mapped.len() {
+        if start.checked_add(len).is_none_or(|end| end > mapped.len()) {
             return Err(weights_error(format!(
                 "tensor `{}` lies past the end of the file",
                 t.name
@@ -478,14 +478,13 @@ fn open_gguf(path: &Path, tensors: &[dsvl2_config::GgufTensorInfo], gguf: GgufWe
         bytes: Arc::new(bytes),
         file_backed,
     };
-    let mut sources = Vec::new();
-    if in_memory {
-        let blocks = read_into_huge_pages(path, &mapped, buffer_len.max(1), &copies)?;
-        sources.push(source(mapped, true));
-        sources.push(source(blocks, false));
+    let blocks = if in_memory {
+        Some(read_into_huge_pages(path, &mapped, buffer_len.max(1), &copies)?)
     } else {
-        sources.push(source(mapped, true));
-    }
+        None
+    };
+    let mut sources = vec![source(mapped, true)];
+    sources.extend(blocks.map(|blocks| source(blocks, false)));
     Ok((sources, entries))
 }
 
