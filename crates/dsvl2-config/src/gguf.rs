@@ -35,6 +35,11 @@ pub mod ggml_type {
     pub const Q8_0: u32 = 8;
     pub const Q4_K: u32 = 12;
     pub const BF16: u32 = 30;
+    /// dsvl2's own type: Q8_0 blocks with 16 rows interleaved (see `dsvl2_kernels::Format::Q8_0R16`),
+    /// for the weights decoding reads. The id lies far from ggml's (0-40) and ik_llama.cpp's
+    /// (around 200) so that no other reader mistakes the bytes for its own; they fail with "unknown
+    /// type" instead. A tensor of this type has a multiple of 16 rows.
+    pub const DSVL2_Q8_0_R16: u32 = 1008;
 }
 
 /// The metadata keys of a dsvl2 GGUF.
@@ -74,7 +79,7 @@ pub fn ggml_block(type_id: u32) -> Option<(usize, usize)> {
     match type_id {
         ggml_type::F32 => Some((1, 4)),
         ggml_type::F16 | ggml_type::BF16 => Some((1, 2)),
-        ggml_type::Q8_0 => Some((32, 34)),
+        ggml_type::Q8_0 | ggml_type::DSVL2_Q8_0_R16 => Some((32, 34)),
         ggml_type::Q4_K => Some((256, 144)),
         _ => None,
     }
@@ -87,6 +92,9 @@ pub fn ggml_type_name(type_id: u32) -> Option<&'static str> {
         "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16",
         "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
+    if type_id == ggml_type::DSVL2_Q8_0_R16 {
+        return Some("DSVL2_Q8_0_R16");
+    }
     NAMES.get(type_id as usize).copied()
 }
 
@@ -99,7 +107,7 @@ fn describe_type(type_id: u32) -> String {
 
 fn unsupported_type_reason(type_id: u32) -> String {
     format!(
-        "ggml type {} is not supported (dsvl2 stores F32, F16, BF16, Q8_0 and Q4_K)",
+        "ggml type {} is not supported (dsvl2 stores F32, F16, BF16, Q8_0, Q4_K and its own DSVL2_Q8_0_R16)",
         describe_type(type_id)
     )
 }
@@ -124,6 +132,12 @@ pub fn ggml_nbytes(type_id: u32, shape: &[usize]) -> Result<u64, String> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    if type_id == ggml_type::DSVL2_Q8_0_R16 && (elems / row.max(1) as u64) % 16 != 0 {
+        return Err(format!(
+            "{} rows are not whole groups of 16 (DSVL2_Q8_0_R16)",
+            elems / row.max(1) as u64
+        ));
+    }
     (elems / block_len as u64)
         .checked_mul(block_bytes as u64)
         .ok_or_else(|| format!("shape {shape:?} overflows"))

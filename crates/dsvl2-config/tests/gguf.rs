@@ -519,3 +519,16 @@ fn model_gguf_errors_name_the_file_and_the_metadata_key() {
     let err = ModelDir::open(&path).unwrap_err().to_string();
     assert!(err.contains("general.architecture") && err.contains("llama"), "{err}");
 }
+
+/// dsvl2's interleaved q8_0 type has q8_0's size and needs whole groups of 16 rows.
+#[test]
+fn interleaved_q8_0_type() {
+    let t = ggml_type::DSVL2_Q8_0_R16;
+    assert_eq!(
+        gguf::ggml_nbytes(t, &[32, 64]),
+        gguf::ggml_nbytes(ggml_type::Q8_0, &[32, 64])
+    );
+    let e = gguf::ggml_nbytes(t, &[40, 64]).unwrap_err();
+    assert!(e.contains("groups of 16"), "{e}");
+    assert_eq!(gguf::ggml_type_name(t), Some("DSVL2_Q8_0_R16"));
+}

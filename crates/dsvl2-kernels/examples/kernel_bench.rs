@@ -16,6 +16,13 @@ use rayon::prelude::*;
 
 const COLD_BYTES: usize = 1 << 30;
 
+/// Every storage format, q8_0's interleaved layout after q8_0.
+fn formats() -> Vec<Format> {
+    let mut all = Format::all().to_vec();
+    all.insert(4, Format::Q8_0R16);
+    all
+}
+
 fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5)
@@ -183,7 +190,7 @@ fn main() {
         &[("1280->6848", 6848, 1280), ("lm_head 1280->129280", 129280, 1280)]
     };
     for &(name, rows, cols) in shapes {
-        for format in Format::all() {
+        for format in formats() {
             let ws = cold_copies(matrix(format, rows, cols));
             let bytes = ws[0].storage_bytes() as f64;
             let mut res = Vec::new();
@@ -233,7 +240,7 @@ fn main() {
     println!("\n== GEMV, hot, 1 thread, 1280->896 (weight GB/s per core of CPU time, best of 20x20) ==");
     println!("{:<6} {:>8} {:>8} {:>8} {:>8}", "format", "m=1", "m=2", "m=4", "m=8");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    for format in Format::all() {
+    for format in formats() {
         let w = matrix(format, 896, 1280);
         print!("{:<6}", format.to_string());
         for m in [1, 2, 4, 8] {
@@ -307,7 +314,7 @@ fn main() {
         print!(" {:>13}", format!("m={m} gemv/gemm"));
     }
     println!();
-    for format in Format::all() {
+    for format in formats() {
         let w = matrix(format, 6848, 1280);
         print!("{:<6}", format.to_string());
         for m in ms {
@@ -346,7 +353,7 @@ fn gemm_table(peak: Option<f64>, reps: usize) {
         let mut y = vec![0f32; m * rows];
         let r = if m > 1000 { reps.min(5) } else { reps };
         print!("{:<22}", format!("{m},{cols}->{rows}"));
-        for format in Format::all() {
+        for format in formats() {
             if !format.supports_cols(cols) {
                 print!(" {:>8}", "-");
                 continue;

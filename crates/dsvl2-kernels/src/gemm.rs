@@ -179,8 +179,10 @@ pub(crate) fn gemm_threads(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &
         return;
     }
     // Equal panels: a last one of a few rows would run at a fraction of the speed.
+    // Panels and dequantization chunks cover whole row groups (q8_0_r16: 16 rows).
+    let group = w.format().row_group();
     let max_rows = (PANEL_VALUES / cols).clamp(64, rows.max(64));
-    let panel_rows = rows.div_ceil(rows.div_ceil(max_rows)).min(rows);
+    let panel_rows = rows.div_ceil(rows.div_ceil(max_rows)).next_multiple_of(group).min(rows);
     let mut run = |panel: &mut Vec<f32>| {
         panel.resize(panel_rows * cols, 0.0);
         for r0 in (0..rows).step_by(panel_rows) {
@@ -188,7 +190,10 @@ pub(crate) fn gemm_threads(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &
             let buf = &mut panel[..n * cols];
             if parallel {
                 // Dequantize in chunks of rows, in parallel.
-                let chunk_rows = n.div_ceil(rayon::current_num_threads() * 4).max(16);
+                let chunk_rows = n
+                    .div_ceil(rayon::current_num_threads() * 4)
+                    .max(16)
+                    .next_multiple_of(group);
                 buf.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(c, out)| {
                     let start = r0 + c * chunk_rows;
                     w.dequantize_rows_isa(isa, start, out.len() / cols, out);

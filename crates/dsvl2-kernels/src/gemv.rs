@@ -17,17 +17,20 @@ pub(crate) fn max_m(format: Format) -> usize {
     match format {
         Format::F32 => 8,
         Format::F16 | Format::Bf16 => 16,
-        Format::Q8_0 | Format::Q4K => 32,
+        Format::Q8_0 | Format::Q8_0R16 | Format::Q4K => 32,
     }
 }
 
 /// Rows per task: enough tasks for load balancing (work stealing evens out the rest), but each task
-/// streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small.
-fn rows_per_task(rows: usize, row_bytes: usize) -> usize {
+/// streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small. Whole row groups
+/// (q8_0_r16: 16 rows).
+fn rows_per_task(w: &PackedMatrix) -> usize {
+    let (rows, row_bytes, group) = (w.rows(), w.row_bytes(), w.format().row_group());
     let threads = rayon::current_num_threads().max(1);
     let balance = rows.div_ceil(threads * 4);
     let min_rows = (32 * 1024 / row_bytes.max(1)).max(1);
-    balance.clamp(min_rows, 256.max(min_rows)).min(rows).max(1)
+    let chunk = balance.clamp(min_rows, 256.max(min_rows)).min(rows).max(1);
+    chunk.next_multiple_of(group)
 }
 
 /// The activations in the form the kernels of `format` read: f32 for float formats, 8-bit blocks for
@@ -41,7 +44,7 @@ enum Acts<'a> {
 impl<'a> Acts<'a> {
     fn new(format: Format, x: &'a [f32], m: usize, cols: usize) -> Self {
         match format {
-            Format::Q8_0 | Format::Q4K => Acts::Quantized(QuantizedActs::new(x, m, cols)),
+            Format::Q8_0 | Format::Q8_0R16 | Format::Q4K => Acts::Quantized(QuantizedActs::new(x, m, cols)),
             Format::F32 | Format::F16 | Format::Bf16 => Acts::F32(x),
         }
     }
@@ -96,7 +99,7 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
         return;
     }
     let acts = Acts::new(w.format(), x, m, w.cols());
-    let chunk = rows_per_task(w.rows(), w.row_bytes());
+    let chunk = rows_per_task(w);
     let out = OutPtr::new(y);
     (0..w.rows().div_ceil(chunk)).into_par_iter().for_each(|c| {
         let r0 = c * chunk;
@@ -139,11 +142,11 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
         if job.m == 0 || w.rows() == 0 || job.m > max_m(w.format()) {
             continue;
         }
-        let chunk = rows_per_task(w.rows(), w.row_bytes());
+        let chunk = rows_per_task(w);
         let y = OutPtr::new(job.y);
         // Jobs reading the same activations (an MoE layer's gate/up projections of all experts) share
         // one conversion of them.
-        let quantized = matches!(w.format(), Format::Q8_0 | Format::Q4K);
+        let quantized = w.format().is_block_quantized();
         let key = (job.x.as_ptr(), job.x.len(), job.m, quantized);
         let a = match act_keys.iter().position(|k| *k == key) {
             Some(a) => a,

@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
-use crate::format::Format;
-use crate::quant::QuantizedActs;
+use crate::format::{Format, R16};
+use crate::quant::{deinterleave_r16, QuantizedActs};
 use crate::scalar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,8 +111,9 @@ impl Isa {
         }
     }
 
-    /// q8_0 / q4_k product of `nrows` consecutive weight rows (`w`, their bytes) with all `m` quantized
-    /// activation rows: writes `y[i * y_stride + k]` for `i < m`, `k < nrows`.
+    /// q8_0 / q8_0_r16 / q4_k product of `nrows` consecutive weight rows (`w`, their bytes; whole
+    /// groups for q8_0_r16) with all `m` quantized activation rows: writes `y[i * y_stride + k]` for
+    /// `i < m`, `k < nrows`.
     ///
     /// # Safety
     /// `y` must be valid for those writes, and no other thread may access these elements meanwhile.
@@ -130,11 +131,30 @@ impl Isa {
     ) {
         let row_bytes = format.bytes_for(1, acts.cols);
         assert!(
-            matches!(format, Format::Q8_0 | Format::Q4K)
+            format.is_block_quantized()
+                && nrows.is_multiple_of(format.row_group())
                 && w.len() >= nrows * row_bytes
                 && m * acts.cols <= acts.q.len(),
             "gemv_quantized: bad arguments"
         );
+        if format == Format::Q8_0R16 {
+            // SAFETY: features detected; sizes checked above, y by the caller.
+            #[cfg(target_arch = "x86_64")]
+            match self {
+                Isa::Avx512 => return crate::simd::avx512::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride),
+                Isa::Avx2 => return crate::simd::x86::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride),
+                Isa::Scalar => {}
+            }
+            // The portable fallback: each group back to plain q8_0 rows (an L1-resident copy), then
+            // the scalar q8_0 kernel.
+            let group_bytes = R16 * row_bytes;
+            let mut plain = vec![0u8; group_bytes];
+            for (g, group) in w[..nrows * row_bytes].chunks_exact(group_bytes).enumerate() {
+                deinterleave_r16(group, acts.cols, 0, R16, &mut plain);
+                self.gemv_quantized(Format::Q8_0, &plain, R16, acts, m, y.add(g * R16), y_stride);
+            }
+            return;
+        }
         match self {
             Isa::Scalar => {
                 let mut out = vec![0f32; m];

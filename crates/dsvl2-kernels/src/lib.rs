@@ -61,6 +61,8 @@ pub enum KernelError {
         cols: usize,
         block_len: usize,
     },
+    #[error("format {format} stores rows in groups of {group}, but the matrix has {rows} rows")]
+    UnsupportedRows { format: Format, rows: usize, group: usize },
     #[error("a {rows}x{cols} {format} matrix takes {expected} bytes, got {got}")]
     ByteLength {
         format: Format,

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::format::Format;
+use crate::format::{Format, R16};
 use crate::isa::Isa;
 use crate::{gemm, gemv, quant, KernelError};
 
@@ -99,21 +99,27 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
-    fn check_cols(format: Format, cols: usize) -> Result<(), KernelError> {
-        if format.supports_cols(cols) {
-            Ok(())
-        } else {
-            Err(KernelError::UnsupportedCols {
+    fn check_shape(format: Format, rows: usize, cols: usize) -> Result<(), KernelError> {
+        if !format.supports_cols(cols) {
+            return Err(KernelError::UnsupportedCols {
                 format,
                 cols,
                 block_len: format.block_len(),
-            })
+            });
         }
+        if !format.supports_rows(rows) {
+            return Err(KernelError::UnsupportedRows {
+                format,
+                rows,
+                group: format.row_group(),
+            });
+        }
+        Ok(())
     }
 
     /// Quantizes/converts a row-major f32 matrix `[rows, cols]`, in parallel over rows.
     pub fn from_f32(format: Format, rows: usize, cols: usize, data: &[f32]) -> Result<Self, KernelError> {
-        Self::check_cols(format, cols)?;
+        Self::check_shape(format, rows, cols)?;
         if data.len() != rows * cols {
             return Err(KernelError::DataLength {
                 rows,
@@ -123,17 +129,22 @@ impl PackedMatrix {
             });
         }
         let mut out = AlignedBytes::zeroed(format.bytes_for(rows, cols));
-        let row_bytes = format.bytes_for(1, cols);
+        // Whole row groups (q8_0_r16 interleaves 16 rows; other formats have groups of one row).
+        let group = format.row_group();
+        let group_bytes = format.bytes_for(group, cols);
         // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
         // (No rows or no columns: nothing to convert.)
-        if let Some(per_task) = (64 * 1024usize).checked_div(row_bytes) {
+        if let Some(per_task) = (64 * 1024usize).checked_div(group_bytes) {
             let per_task = per_task.max(1);
             out.as_mut_slice()
-                .par_chunks_mut(row_bytes * per_task)
-                .zip(data.par_chunks(cols * per_task))
+                .par_chunks_mut(group_bytes * per_task)
+                .zip(data.par_chunks(group * cols * per_task))
                 .for_each(|(dst, src)| {
-                    for (d, s) in dst.chunks_exact_mut(row_bytes).zip(src.chunks_exact(cols)) {
-                        quant::quantize_row(format, s, d);
+                    for (d, s) in dst.chunks_exact_mut(group_bytes).zip(src.chunks_exact(group * cols)) {
+                        match format {
+                            Format::Q8_0R16 => quant::quantize_group_r16(s, cols, d),
+                            _ => quant::quantize_row(format, s, d),
+                        }
                     }
                 });
         }
@@ -146,7 +157,7 @@ impl PackedMatrix {
     }
 
     fn check_byte_len(format: Format, rows: usize, cols: usize, got: usize) -> Result<(), KernelError> {
-        Self::check_cols(format, cols)?;
+        Self::check_shape(format, rows, cols)?;
         let expected = format.bytes_for(rows, cols);
         if got != expected {
             return Err(KernelError::ByteLength {
@@ -217,13 +228,19 @@ impl PackedMatrix {
         self.as_bytes().len()
     }
 
-    /// Bytes of one row.
+    /// Bytes of one row (for q8_0_r16, a sixteenth of a group).
     pub(crate) fn row_bytes(&self) -> usize {
         self.format.bytes_for(1, self.cols)
     }
 
-    /// The bytes of rows `[start, start + n)`.
+    /// The bytes of rows `[start, start + n)`; for q8_0_r16 whole groups only.
     pub(crate) fn row_range_bytes(&self, start: usize, n: usize) -> &[u8] {
+        let group = self.format.row_group();
+        assert!(
+            start.is_multiple_of(group) && n.is_multiple_of(group),
+            "rows {start}..{} split a group of {group}",
+            start + n
+        );
         let rb = self.row_bytes();
         &self.as_bytes()[start * rb..(start + n) * rb]
     }
@@ -258,7 +275,25 @@ impl PackedMatrix {
             n * self.cols,
             "dequantize_rows: output length must be n * cols"
         );
-        isa.decode(self.format, self.row_range_bytes(start, n), out);
+        if self.format != Format::Q8_0R16 {
+            isa.decode(self.format, self.row_range_bytes(start, n), out);
+            return;
+        }
+        // Interleaved groups: each group's rows back to plain q8_0 rows (a copy of 4-byte pieces), then
+        // the q8_0 decoder, so the values are bit-identical to q8_0's.
+        let group_bytes = Format::Q8_0R16.bytes_for(R16, self.cols);
+        let mut plain = vec![0u8; group_bytes];
+        let mut done = 0;
+        while done < n {
+            let row = start + done;
+            let (g, first) = (row / R16, row % R16);
+            let count = (R16 - first).min(n - done);
+            let group = &self.as_bytes()[g * group_bytes..][..group_bytes];
+            quant::deinterleave_r16(group, self.cols, first, count, &mut plain);
+            let out = &mut out[done * self.cols..(done + count) * self.cols];
+            isa.decode(Format::Q8_0, &plain[..count * self.row_bytes()], out);
+            done += count;
+        }
     }
 
     /// `y[m, rows] = x[m, cols] · Wᵀ` (row-major, contiguous). Uses the GEMV kernels for small `m`

@@ -5,7 +5,7 @@
 
 use half::{bf16, f16};
 
-use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
+use crate::format::{Format, Q4K_BYTES, Q8_0R16_GROUP_BYTES, Q8_0_BYTES, QK8_0, QK_K, R16};
 
 /// Quantizes one row (`src.len()` a multiple of the block length) into `dst` (its exact byte size).
 pub(crate) fn quantize_row(format: Format, src: &[f32], dst: &mut [u8]) {
@@ -35,6 +35,53 @@ pub(crate) fn quantize_row(format: Format, src: &[f32], dst: &mut [u8]) {
         Format::Q4K => {
             for (d, x) in dst.chunks_exact_mut(Q4K_BYTES).zip(src.chunks_exact(QK_K)) {
                 quantize_block_q4k(x, d);
+            }
+        }
+        Format::Q8_0R16 => unreachable!("q8_0_r16 is quantized 16 rows at a time (quantize_group_r16)"),
+    }
+}
+
+/// Quantizes 16 rows (`src`: `16 · cols` values) into one interleaved group of [`Format::Q8_0R16`]
+/// (`dst`: its exact byte size): q8_0 per row, then [`interleave_r16`].
+pub(crate) fn quantize_group_r16(src: &[f32], cols: usize, dst: &mut [u8]) {
+    let row_bytes = Format::Q8_0.bytes_for(1, cols);
+    let mut plain = vec![0u8; R16 * row_bytes];
+    for (d, s) in plain.chunks_exact_mut(row_bytes).zip(src.chunks_exact(cols)) {
+        quantize_row(Format::Q8_0, s, d);
+    }
+    interleave_r16(&plain, cols, dst);
+}
+
+/// Where quant byte `k` (0..32) of block column `b`, row `r` (0..16) of an interleaved group lies,
+/// relative to the group's start; its f16 scale lies at `b · 544 + 2r`.
+#[inline]
+pub(crate) fn r16_quant_offset(b: usize, r: usize, k: usize) -> usize {
+    b * Q8_0R16_GROUP_BYTES + 2 * R16 + 64 * (k / 4) + 4 * r + k % 4
+}
+
+/// 16 plain q8_0 rows of `cols` values (`plain`) in [`Format::Q8_0R16`]'s group layout (`group`).
+pub(crate) fn interleave_r16(plain: &[u8], cols: usize, group: &mut [u8]) {
+    let nb = cols / QK8_0;
+    for r in 0..R16 {
+        for b in 0..nb {
+            let blk = &plain[(r * nb + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+            group[b * Q8_0R16_GROUP_BYTES + 2 * r..][..2].copy_from_slice(&blk[..2]);
+            for c in 0..QK8_0 / 4 {
+                group[r16_quant_offset(b, r, 4 * c)..][..4].copy_from_slice(&blk[2 + 4 * c..][..4]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`interleave_r16`]: rows `first..first + n` of one group as plain q8_0 rows.
+pub(crate) fn deinterleave_r16(group: &[u8], cols: usize, first: usize, n: usize, plain: &mut [u8]) {
+    let nb = cols / QK8_0;
+    for (i, r) in (first..first + n).enumerate() {
+        for b in 0..nb {
+            let blk = &mut plain[(i * nb + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+            blk[..2].copy_from_slice(&group[b * Q8_0R16_GROUP_BYTES + 2 * r..][..2]);
+            for c in 0..QK8_0 / 4 {
+                blk[2 + 4 * c..][..4].copy_from_slice(&group[r16_quant_offset(b, r, 4 * c)..][..4]);
             }
         }
     }
@@ -231,6 +278,9 @@ pub(crate) struct QuantizedActs {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub sum: Vec<f32>,
+    /// `-128 · Σq` per block (the interleaved q8_0 kernel's start value: it adds 128 to each weight to
+    /// make it unsigned for `vpdpbusd`, see `simd::avx512`).
+    pub bias_sum: Vec<i32>,
     pub cols: usize,
     /// Row stride of `d` and `sum`: blocks per row rounded up to 8, so kernels may load 8 scales at once.
     pub stride: usize,
@@ -245,6 +295,7 @@ impl QuantizedActs {
             q: vec![0; m * cols],
             d: vec![0.0; m * stride],
             sum: vec![0.0; m * stride],
+            bias_sum: vec![0; m * stride],
             cols,
             stride,
         };
@@ -261,6 +312,7 @@ impl QuantizedActs {
                 }
                 acts.d[i * stride + b] = d;
                 acts.sum[i * stride + b] = d * qsum as f32;
+                acts.bias_sum[i * stride + b] = -128 * qsum;
             }
         }
         acts

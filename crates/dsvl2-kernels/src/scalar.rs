@@ -43,6 +43,7 @@ pub(crate) fn decode(format: Format, src: &[u8], dst: &mut [f32]) {
                 decode_q4k_block(b, y);
             }
         }
+        Format::Q8_0R16 => unreachable!("q8_0_r16 is decoded group by group (PackedMatrix::dequantize_rows)"),
     }
 }
 

@@ -817,3 +817,95 @@ fn decode_attention_reads_f16_caches() {
         }
     }
 }
+
+/// q8_0_r16 holds exactly q8_0's bytes, reordered: the same matrix dequantizes bit for bit alike, also
+/// for row ranges that start and end inside a group, and the GGUF bytes round-trip.
+#[test]
+fn q8_0_r16_dequantizes_as_q8_0() {
+    let (rows, cols) = (48, 96);
+    let data = test_data(rows * cols, 80);
+    let plain = PackedMatrix::from_f32(Format::Q8_0, rows, cols, &data).unwrap();
+    let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &data).unwrap();
+    assert_eq!(r16.storage_bytes(), plain.storage_bytes());
+    assert_ne!(r16.as_bytes(), plain.as_bytes(), "the layout differs");
+    for isa in isas() {
+        assert!(dequantize_all(&r16, isa)
+            .iter()
+            .zip(dequantize_all(&plain, isa))
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        for (start, n) in [(5, 20), (16, 16), (0, 1), (47, 1), (3, 45)] {
+            let (mut a, mut b) = (vec![0f32; n * cols], vec![0f32; n * cols]);
+            r16.dequantize_rows_isa(isa, start, n, &mut a);
+            plain.dequantize_rows_isa(isa, start, n, &mut b);
+            assert_eq!(a, b, "{isa:?} rows {start}..{}", start + n);
+        }
+    }
+    let again = PackedMatrix::from_bytes(Format::Q8_0R16, rows, cols, r16.as_bytes()).unwrap();
+    assert_eq!(dequantize_all(&again, Isa::Scalar), dequantize_all(&plain, Isa::Scalar));
+    // Rows must fill whole groups of 16.
+    let e = PackedMatrix::from_f32(Format::Q8_0R16, 40, cols, &data[..40 * cols]).unwrap_err();
+    assert!(e.to_string().contains("groups of 16"), "{e}");
+    assert!(PackedMatrix::from_bytes(Format::Q8_0R16, 8, cols, &plain.as_bytes()[..8 * 102]).is_err());
+}
+
+/// The q8_0_r16 kernels (AVX-512, and the plain kernels after de-interleaving elsewhere) compute what
+/// the q8_0 kernels compute for the same weights: the same exact integer block dot products, summed in
+/// another order, so they agree to f32 rounding. Every m up to the GEMV limit and the gemm path above it.
+#[test]
+fn q8_0_r16_matmul_matches_q8_0() {
+    for (rows, cols) in [(32, 1280), (96, 160), (16, 32)] {
+        let data = test_data(rows * cols, 81);
+        let plain = PackedMatrix::from_f32(Format::Q8_0, rows, cols, &data).unwrap();
+        let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &data).unwrap();
+        for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 32, 33] {
+            let x = test_data(m * cols, 82 + m as u64);
+            let mag = magnitudes(&plain, &x, m);
+            for isa in isas() {
+                let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
+                r16.matmul_isa(isa, &x, m, &mut a);
+                plain.matmul_isa(isa, &x, m, &mut b);
+                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (p - q).abs() as f64 <= 4e-6 * mag[i],
+                        "{rows}x{cols} m={m} {isa:?} at {i}: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// MoE decoding runs q8_0_r16 experts through `matmul_many` (row chunks of whole groups, shared
+/// activation quantization) beside plain q8_0 ones.
+#[test]
+fn matmul_many_with_q8_0_r16() {
+    let (rows, cols) = (160, 256);
+    let data = test_data(rows * cols, 83);
+    let plain = PackedMatrix::from_f32(Format::Q8_0, rows, cols, &data).unwrap();
+    let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &data).unwrap();
+    for m in [1, 6] {
+        let x = test_data(m * cols, 84);
+        let (mut a, mut b) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+        let mut jobs = vec![
+            MatmulJob {
+                weight: &r16,
+                x: &x,
+                m,
+                y: &mut a,
+            },
+            MatmulJob {
+                weight: &plain,
+                x: &x,
+                m,
+                y: &mut b,
+            },
+        ];
+        matmul_many(&mut jobs);
+        let mag = magnitudes(&plain, &x, m);
+        assert!(a
+            .iter()
+            .zip(&b)
+            .zip(&mag)
+            .all(|((p, q), s)| (p - q).abs() as f64 <= 4e-6 * s));
+    }
+}

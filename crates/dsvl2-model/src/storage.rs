@@ -30,10 +30,18 @@ pub fn linear_format(requested: Format, cols: usize) -> Format {
         .expect("f16 supports every width")
 }
 
-/// The format tensor `name` of `shape` is stored in when `requested` is asked for.
+/// The format tensor `name` of `shape` is stored in when `requested` is asked for. The language
+/// model's q8_0 weights, which decoding reads for every token, get the 16-row interleaved layout
+/// where their rows allow (every DeepSeek-VL2 size does): its GEMV kernels do a fraction of the plain
+/// layout's work per weight (see the dsvl2-kernels README). The vision tower and projector only run
+/// large products, which dequantize either layout alike, so they keep plain q8_0.
 pub fn storage_format(name: &str, shape: &[usize], requested: Format) -> Format {
     if is_linear_weight(name, shape) {
-        return linear_format(requested, shape[1]);
+        let format = linear_format(requested, shape[1]);
+        if format == Format::Q8_0 && name.starts_with("language.") && Format::Q8_0R16.supports_rows(shape[0]) {
+            return Format::Q8_0R16;
+        }
+        return format;
     }
     let elements: usize = shape.iter().product();
     if requested != Format::F32 && elements >= LARGE_FLOAT_TENSOR {
@@ -50,13 +58,31 @@ mod tests {
     #[test]
     fn linear_weights_fall_back_to_a_format_their_width_allows() {
         let name = "language.model.layers.1.mlp.experts.0.down_proj.weight";
-        assert_eq!(storage_format(name, &[1280, 896], Format::Q4K), Format::Q8_0);
+        assert_eq!(storage_format(name, &[1280, 896], Format::Q4K), Format::Q8_0R16);
+        assert_eq!(storage_format(name, &[1288, 896], Format::Q4K), Format::Q8_0);
         assert_eq!(storage_format(name, &[1280, 1024], Format::Q4K), Format::Q4K);
         assert_eq!(
             storage_format("vision.blocks.0.mlp.fc2.weight", &[1152, 4304], Format::Q8_0),
             Format::F16
         );
         assert_eq!(storage_format(name, &[1280, 896], Format::Bf16), Format::Bf16);
+    }
+
+    #[test]
+    fn language_q8_0_weights_are_interleaved_where_their_rows_allow() {
+        let expert = "language.model.layers.1.mlp.experts.0.up_proj.weight";
+        assert_eq!(storage_format(expert, &[896, 1280], Format::Q8_0), Format::Q8_0R16);
+        assert_eq!(storage_format(expert, &[900, 1280], Format::Q8_0), Format::Q8_0);
+        assert_eq!(
+            storage_format("language.lm_head.weight", &[129280, 1280], Format::Q8_0),
+            Format::Q8_0R16
+        );
+        let vision = "vision.blocks.0.attn.qkv.weight";
+        assert_eq!(storage_format(vision, &[3456, 1152], Format::Q8_0), Format::Q8_0);
+        assert_eq!(
+            storage_format("projector.layers.0.weight", &[1280, 4608], Format::Q8_0),
+            Format::Q8_0
+        );
     }
 
     #[test]

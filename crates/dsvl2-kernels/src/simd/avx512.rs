@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 
 use super::prefetch;
 use super::x86::{f16_pair_at, q4k_scales_mins, q8_0_scales8};
-use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
+use crate::format::{Format, Q4K_BYTES, Q8_0R16_GROUP_BYTES, Q8_0_BYTES, QK8_0, QK_K, R16};
 use crate::quant::QuantizedActs;
 
 /// Lanes 0–7 take element `a`, lanes 8–15 element `b` (for `vpermps`).
@@ -253,6 +253,98 @@ unsafe fn q4k_tile<const R: usize, const G: usize>(
         }
     }
     std::array::from_fn(|r| std::array::from_fn(|g| _mm512_reduce_add_ps(_mm512_add_ps(acc[r][g], acc2[r][g]))))
+}
+
+/// q8_0_r16 product of `nrows` weight rows (whole groups of 16, `w` their bytes) with all `m` quantized
+/// activation rows: `y[i * y_stride + k]` for `i < m`, `k < nrows`.
+///
+/// Each 64-byte chunk of a group holds 4 quants of each of 16 rows, so one `vpdpbusd` against the 4
+/// matching activation bytes (broadcast) advances all 16 rows' block dot products, one row per lane;
+/// the block's 16 weight scales are one `vcvtph2ps`. Per block and activation row that leaves one
+/// convert and one FMA for 16 rows (the plain layout needs them per row, plus a permute). The weight
+/// is made unsigned as `w + 128` (`xor 0x80`, shared by the activation rows) and the sum starts at
+/// `-128 · Σx` (`QuantizedActs::bias_sum`), so the integer dot products are exact. Up to 8 activation
+/// rows share each weight load; two accumulator chains per row (even and odd chunks) halve the
+/// `vpdpbusd` latency chain.
+///
+/// # Safety
+/// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI must be available; `w` must hold `nrows` rows of
+/// `acts.cols` values, `acts` at least `m` rows, and `y` must be valid for the writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_q8_0_r16(
+    w: &[u8],
+    nrows: usize,
+    acts: &QuantizedActs,
+    m: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    let nb = acts.cols / QK8_0;
+    let group_bytes = nb * Q8_0R16_GROUP_BYTES;
+    debug_assert!(nrows.is_multiple_of(R16) && w.len() >= nrows / R16 * group_bytes);
+    for g in 0..nrows / R16 {
+        let wg = w.as_ptr().add(g * group_bytes);
+        let mut i = 0;
+        while i < m {
+            let out = y.add(i * y_stride + g * R16);
+            i += match m - i {
+                1 => r16_tile::<1>(wg, nb, acts, i, out, y_stride),
+                2 => r16_tile::<2>(wg, nb, acts, i, out, y_stride),
+                3 => r16_tile::<3>(wg, nb, acts, i, out, y_stride),
+                4..=7 => r16_tile::<4>(wg, nb, acts, i, out, y_stride),
+                _ => r16_tile::<8>(wg, nb, acts, i, out, y_stride),
+            };
+        }
+    }
+}
+
+/// One group of 16 q8_0_r16 rows (`nb` block columns from `w`) against activation rows
+/// `first..first + G`; writes 16 outputs per activation row at `y + g · y_stride`. Returns `G`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn r16_tile<const G: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: &QuantizedActs,
+    first: usize,
+    y: *mut f32,
+    y_stride: usize,
+) -> usize {
+    // Prefetch this far ahead in the weight stream (4 block columns, ~2 KiB): the rows of a group are
+    // contiguous, so this runs on into the next group.
+    const AHEAD: usize = 4 * Q8_0R16_GROUP_BYTES;
+    let bias = _mm512_set1_epi8(-128);
+    let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
+    let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
+    let xb: [*const i32; G] = std::array::from_fn(|g| acts.bias_sum.as_ptr().add((first + g) * acts.stride));
+    let mut acc = [_mm512_setzero_ps(); G];
+    for b in 0..nb {
+        let blk = w.add(b * Q8_0R16_GROUP_BYTES);
+        prefetch(blk.wrapping_add(AHEAD), Q8_0R16_GROUP_BYTES);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+        let mut even: [__m512i; G] = std::array::from_fn(|g| _mm512_set1_epi32(*xb[g].add(b)));
+        let mut odd = [_mm512_setzero_si512(); G];
+        for c in 0..QK8_0 / 4 {
+            let wu = _mm512_xor_si512(_mm512_loadu_si512(blk.add(2 * R16 + 64 * c) as *const __m512i), bias);
+            for g in 0..G {
+                let x = _mm512_set1_epi32((xq[g].add(b * QK8_0 + 4 * c) as *const i32).read_unaligned());
+                if c % 2 == 0 {
+                    even[g] = _mm512_dpbusd_epi32(even[g], wu, x);
+                } else {
+                    odd[g] = _mm512_dpbusd_epi32(odd[g], wu, x);
+                }
+            }
+        }
+        for g in 0..G {
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[g].add(b)));
+            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[g], odd[g]));
+            acc[g] = _mm512_fmadd_ps(dot, scale, acc[g]);
+        }
+    }
+    for (g, acc) in acc.into_iter().enumerate() {
+        _mm512_storeu_ps(y.add(g * y_stride), acc);
+    }
+    G
 }
 
 /// f32 / f16 / bf16 product of `nrows` consecutive weight rows (`w`, `cols` values each) with `m` f32

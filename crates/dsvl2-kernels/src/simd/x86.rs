@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::prefetch;
-use crate::format::{Format, Q4K_BYTES, Q8_0_BYTES, QK8_0, QK_K};
+use crate::format::{Format, Q4K_BYTES, Q8_0R16_GROUP_BYTES, Q8_0_BYTES, QK8_0, QK_K, R16};
 use crate::quant::{scale_min_k4, QuantizedActs};
 
 /// Converts the two little-endian f16 values at `p` (q4_k's `d` and `dmin`). Both lanes are used, so
@@ -98,6 +98,7 @@ pub(crate) unsafe fn decode(format: Format, src: &[u8], dst: &mut [f32]) {
                 decode_q4k_block(s.add(b * Q4K_BYTES), d.add(b * QK_K));
             }
         }
+        Format::Q8_0R16 => unreachable!("q8_0_r16 is decoded group by group (PackedMatrix::dequantize_rows)"),
     }
 }
 
@@ -334,6 +335,94 @@ unsafe fn q4k_group<const G: usize>(w: *const u8, nsb: usize, acts: &QuantizedAc
         }
     }
     std::array::from_fn(|g| hsum(_mm256_add_ps(acc[g][0], acc[g][1])))
+}
+
+/// q8_0_r16 product of `nrows` weight rows (whole groups of 16) with all `m` quantized activation rows:
+/// `y[i * y_stride + k]` for `i < m`, `k < nrows`. As the AVX-512 kernel (`simd::avx512`), with two
+/// 256-bit halves of 8 rows per 64-byte chunk and `maddubs` in place of `vpdpbusd`: the weight's sign
+/// moves onto the broadcast activation bytes (`sign`), `|w| · ±x` pairs are summed to i16 (at most
+/// 2 · 127 · 127, no saturation) and then to one i32 per row (`madd` by ones).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `w` must hold `nrows` rows of `acts.cols` values, `acts` at
+/// least `m` rows, and `y` must be valid for the writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_q8_0_r16(
+    w: &[u8],
+    nrows: usize,
+    acts: &QuantizedActs,
+    m: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    let nb = acts.cols / QK8_0;
+    let group_bytes = nb * Q8_0R16_GROUP_BYTES;
+    debug_assert!(nrows.is_multiple_of(R16) && w.len() >= nrows / R16 * group_bytes);
+    for g in 0..nrows / R16 {
+        let wg = w.as_ptr().add(g * group_bytes);
+        let mut i = 0;
+        while i < m {
+            let out = y.add(i * y_stride + g * R16);
+            // Two activation rows at a time: their accumulators fill the 16 vector registers.
+            i += if m - i >= 2 {
+                r16_tile::<2>(wg, nb, acts, i, out, y_stride)
+            } else {
+                r16_tile::<1>(wg, nb, acts, i, out, y_stride)
+            };
+        }
+    }
+}
+
+/// One group of 16 q8_0_r16 rows against activation rows `first..first + G` (see
+/// [`gemv_q8_0_r16`]). Returns `G`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn r16_tile<const G: usize>(
+    w: *const u8,
+    nb: usize,
+    acts: &QuantizedActs,
+    first: usize,
+    y: *mut f32,
+    y_stride: usize,
+) -> usize {
+    const AHEAD: usize = 4 * Q8_0R16_GROUP_BYTES;
+    let ones = _mm256_set1_epi16(1);
+    let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
+    let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    for b in 0..nb {
+        let blk = w.add(b * Q8_0R16_GROUP_BYTES);
+        prefetch(blk.wrapping_add(AHEAD), Q8_0R16_GROUP_BYTES);
+        let dw = [
+            _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
+        ];
+        let mut dot = [[_mm256_setzero_si256(); 2]; G];
+        for c in 0..QK8_0 / 4 {
+            let x: [__m256i; G] = std::array::from_fn(|g| {
+                _mm256_set1_epi32((xq[g].add(b * QK8_0 + 4 * c) as *const i32).read_unaligned())
+            });
+            for h in 0..2 {
+                let wv = _mm256_loadu_si256(blk.add(2 * R16 + 64 * c + 32 * h) as *const __m256i);
+                let magnitude = _mm256_sign_epi8(wv, wv);
+                for g in 0..G {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[g], wv));
+                    dot[g][h] = _mm256_add_epi32(dot[g][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for g in 0..G {
+            let dx = _mm256_set1_ps(*xd[g].add(b));
+            for h in 0..2 {
+                acc[g][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g][h]), _mm256_mul_ps(dw[h], dx), acc[g][h]);
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(y.add(g * y_stride), acc[0]);
+        _mm256_storeu_ps(y.add(g * y_stride + 8), acc[1]);
+    }
+    G
 }
 
 /// q8_0 / q4_k product of `nrows` consecutive weight rows (`w`) with all `m` quantized activation rows:

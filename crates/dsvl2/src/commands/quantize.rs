@@ -56,7 +56,7 @@ fn file_type_of(format: Format) -> u32 {
         Format::F32 => file_type::ALL_F32,
         Format::F16 => file_type::MOSTLY_F16,
         Format::Bf16 => file_type::MOSTLY_BF16,
-        Format::Q8_0 => file_type::MOSTLY_Q8_0,
+        Format::Q8_0 | Format::Q8_0R16 => file_type::MOSTLY_Q8_0,
         Format::Q4K => file_type::MOSTLY_Q4_K_S,
     }
 }
