@@ -133,3 +133,18 @@ pub fn openblas_coretype_fix() -> Option<&'static str> {
 pub fn cpu_features() -> &'static str {
     isa::Isa::detect().name()
 }
+
+/// Runs `f` on a worker thread of rayon's global pool (at once, if the caller is one), waiting for it.
+///
+/// Every kernel here splits its work with rayon. Called from a thread outside the pool, each such
+/// split is handed to the pool while the caller sleeps on a condition variable until it is done: two
+/// thread switches per kernel, and one decoding step runs about a hundred kernels. From a worker, the
+/// split is pushed onto the worker's own queue, the other workers (still spinning between kernels)
+/// take their share, and nobody sleeps. Wrap whole model calls in this (a decoding step, a prompt).
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}

@@ -261,14 +261,16 @@ impl DeepseekVl2 {
         cache: &mut SequenceCache,
         trace: Option<&mut LayerTrace>,
     ) -> Result<Tensor, ModelError> {
-        let hidden = match trace {
-            Some(t) => {
-                t.inputs_embeds = Some(embeds.clone());
-                self.language.forward(embeds, cache, Some(&mut t.hidden_last))?
-            }
-            None => self.language.forward(embeds, cache, None)?,
-        };
-        self.language.logits(&hidden)
+        dsvl2_kernels::on_worker(|| {
+            let hidden = match trace {
+                Some(t) => {
+                    t.inputs_embeds = Some(embeds.clone());
+                    self.language.forward(embeds, cache, Some(&mut t.hidden_last))?
+                }
+                None => self.language.forward(embeds, cache, None)?,
+            };
+            self.language.logits(&hidden)
+        })
     }
 
     /// One decode step: feeds `token` and returns the next logits `[vocab]`.
@@ -294,7 +296,9 @@ impl DeepseekVl2 {
             return Err(ModelError::Input("empty decode batch: no sequences".into()));
         }
         let embeds = self.language.embed(tokens)?;
-        let hidden = self.language.decode_batch(&embeds, caches)?;
-        self.language.logits_batch(&hidden)
+        dsvl2_kernels::on_worker(|| {
+            let hidden = self.language.decode_batch(&embeds, caches)?;
+            self.language.logits_batch(&hidden)
+        })
     }
 }
