@@ -132,11 +132,9 @@ pub fn ggml_nbytes(type_id: u32, shape: &[usize]) -> Result<u64, String> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| format!("shape {shape:?} overflows"))?;
-    if type_id == ggml_type::DSVL2_Q8_0_R16 && (elems / row.max(1) as u64) % 16 != 0 {
-        return Err(format!(
-            "{} rows are not whole groups of 16 (DSVL2_Q8_0_R16)",
-            elems / row.max(1) as u64
-        ));
+    let rows = elems / row.max(1) as u64;
+    if type_id == ggml_type::DSVL2_Q8_0_R16 && !rows.is_multiple_of(16) {
+        return Err(format!("{rows} rows are not whole groups of 16 (DSVL2_Q8_0_R16)"));
     }
     (elems / block_len as u64)
         .checked_mul(block_bytes as u64)

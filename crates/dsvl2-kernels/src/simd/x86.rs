@@ -377,6 +377,7 @@ pub(crate) unsafe fn gemv_q8_0_r16(
 /// [`gemv_q8_0_r16`]). Returns `G`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // registers indexed by activation row and 8-row half
 unsafe fn r16_tile<const G: usize>(
     w: *const u8,
     nb: usize,
