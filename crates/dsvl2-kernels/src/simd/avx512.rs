@@ -280,22 +280,13 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let nb = acts.cols / QK8_0;
-    let group_bytes = nb * Q8_0R16_GROUP_BYTES;
-    debug_assert!(nrows.is_multiple_of(R16) && w.len() >= nrows / R16 * group_bytes);
-    for g in 0..nrows / R16 {
-        let wg = w.as_ptr().add(g * group_bytes);
-        let mut i = 0;
-        while i < m {
-            let out = y.add(i * y_stride + g * R16);
-            i += match m - i {
-                1 => r16_tile::<1>(wg, nb, acts, i, out, y_stride),
-                2 => r16_tile::<2>(wg, nb, acts, i, out, y_stride),
-                3 => r16_tile::<3>(wg, nb, acts, i, out, y_stride),
-                4..=7 => r16_tile::<4>(wg, nb, acts, i, out, y_stride),
-                _ => r16_tile::<8>(wg, nb, acts, i, out, y_stride),
-            };
-        }
-    }
+    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| match m - i {
+        1 => r16_tile::<1>(group, nb, acts, i, out, y_stride),
+        2 => r16_tile::<2>(group, nb, acts, i, out, y_stride),
+        3 => r16_tile::<3>(group, nb, acts, i, out, y_stride),
+        4..=7 => r16_tile::<4>(group, nb, acts, i, out, y_stride),
+        _ => r16_tile::<8>(group, nb, acts, i, out, y_stride),
+    });
 }
 
 /// One group of 16 q8_0_r16 rows (`nb` block columns from `w`) against activation rows
@@ -310,9 +301,6 @@ unsafe fn r16_tile<const G: usize>(
     y: *mut f32,
     y_stride: usize,
 ) -> usize {
-    // Prefetch this far ahead in the weight stream (4 block columns, ~2 KiB): the rows of a group are
-    // contiguous, so this runs on into the next group.
-    const AHEAD: usize = 4 * Q8_0R16_GROUP_BYTES;
     let bias = _mm512_set1_epi8(-128);
     let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
     let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
@@ -320,7 +308,7 @@ unsafe fn r16_tile<const G: usize>(
     let mut acc = [_mm512_setzero_ps(); G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        prefetch(blk.wrapping_add(AHEAD), Q8_0R16_GROUP_BYTES);
+        prefetch(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
         let mut even: [__m512i; G] = std::array::from_fn(|g| _mm512_set1_epi32(*xb[g].add(b)));
         let mut odd = [_mm512_setzero_si512(); G];

@@ -356,21 +356,14 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let nb = acts.cols / QK8_0;
-    let group_bytes = nb * Q8_0R16_GROUP_BYTES;
-    debug_assert!(nrows.is_multiple_of(R16) && w.len() >= nrows / R16 * group_bytes);
-    for g in 0..nrows / R16 {
-        let wg = w.as_ptr().add(g * group_bytes);
-        let mut i = 0;
-        while i < m {
-            let out = y.add(i * y_stride + g * R16);
-            // Two activation rows at a time: their accumulators fill the 16 vector registers.
-            i += if m - i >= 2 {
-                r16_tile::<2>(wg, nb, acts, i, out, y_stride)
-            } else {
-                r16_tile::<1>(wg, nb, acts, i, out, y_stride)
-            };
+    // Two activation rows at a time: their accumulators fill the 16 vector registers.
+    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| {
+        if m - i >= 2 {
+            r16_tile::<2>(group, nb, acts, i, out, y_stride)
+        } else {
+            r16_tile::<1>(group, nb, acts, i, out, y_stride)
         }
-    }
+    });
 }
 
 /// One group of 16 q8_0_r16 rows against activation rows `first..first + G` (see
@@ -386,14 +379,13 @@ unsafe fn r16_tile<const G: usize>(
     y: *mut f32,
     y_stride: usize,
 ) -> usize {
-    const AHEAD: usize = 4 * Q8_0R16_GROUP_BYTES;
     let ones = _mm256_set1_epi16(1);
     let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
     let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        prefetch(blk.wrapping_add(AHEAD), Q8_0R16_GROUP_BYTES);
+        prefetch(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
         let dw = [
             _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
             _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
