@@ -24,6 +24,7 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// How far ahead of its reads a q8_0_r16 GEMV tile prefetches (4 block columns, ~2 KiB; 2 and 8
 /// measured the same within noise). A group's rows are contiguous, so this runs on into the next group.
 pub(crate) const R16_PREFETCH_AHEAD: usize = 4 * crate::format::Q8_0R16_GROUP_BYTES;
