@@ -238,11 +238,11 @@ fn main() {
     // of that thread (where available), best of 20 batches of 20 calls, so
     // that other load on the machine matters little.
     println!("\n== GEMV, hot, 1 thread, 1280->896 (weight GB/s per core of CPU time, best of 20x20) ==");
-    println!("{:<6} {:>8} {:>8} {:>8} {:>8}", "format", "m=1", "m=2", "m=4", "m=8");
+    println!("{:<8} {:>8} {:>8} {:>8} {:>8}", "format", "m=1", "m=2", "m=4", "m=8");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     for format in formats() {
         let w = matrix(format, 896, 1280);
-        print!("{:<6}", format.to_string());
+        print!("{:<8}", format.to_string());
         for m in [1, 2, 4, 8] {
             let x = data(m * 1280, 1);
             let mut y = vec![0f32; m * 896];
@@ -308,7 +308,7 @@ fn main() {
     }
 
     println!("\n== GEMV vs gemm crossover, 1280->6848 (hot), µs; matmul switches at m = 8 (f32), 16 (f16, bf16), 32 (q8_0, q4_k) ==");
-    print!("{:<6}", "format");
+    print!("{:<8}", "format");
     let ms = [1, 4, 8, 16, 24, 32, 48, 64];
     for m in ms {
         print!(" {:>13}", format!("m={m} gemv/gemm"));
@@ -316,7 +316,7 @@ fn main() {
     println!();
     for format in formats() {
         let w = matrix(format, 6848, 1280);
-        print!("{:<6}", format.to_string());
+        print!("{:<8}", format.to_string());
         for m in ms {
             let x = data(m * 1280, 1);
             let mut y = vec![0f32; m * 6848];
@@ -334,10 +334,11 @@ fn main() {
 /// GFLOP/s of the large-`m` products (vision tower, prefill) in every format, beside candle.
 fn gemm_table(peak: Option<f64>, reps: usize) {
     println!("\n== GEMM (GFLOP/s; `of peak` relative to the FMA peak above) ==");
-    println!(
-        "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "shape m,in->out", "f32", "f16", "bf16", "q8_0", "q4_k", "candle"
-    );
+    print!("{:<22}", "shape m,in->out");
+    for format in formats() {
+        print!(" {:>8}", format.to_string());
+    }
+    println!(" {:>8}", "candle");
     for (m, cols, rows) in [
         (3645, 1152, 4304),
         (3645, 4304, 1152),

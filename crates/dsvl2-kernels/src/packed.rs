@@ -279,7 +279,7 @@ impl PackedMatrix {
             isa.decode(self.format, self.row_range_bytes(start, n), out);
             return;
         }
-        // Interleaved groups: each group's rows back to plain q8_0 rows (a copy of 4-byte pieces), then
+        // Interleaved groups: each group's rows back to plain q8_0 rows (4-byte pieces moved back), then
         // the q8_0 decoder, so the values are bit-identical to q8_0's.
         let group_bytes = Format::Q8_0R16.bytes_for(R16, self.cols);
         let mut plain = vec![0u8; group_bytes];
@@ -289,7 +289,7 @@ impl PackedMatrix {
             let (g, first) = (row / R16, row % R16);
             let count = (R16 - first).min(n - done);
             let group = &self.as_bytes()[g * group_bytes..][..group_bytes];
-            quant::deinterleave_r16(group, self.cols, first, count, &mut plain);
+            isa.deinterleave_r16(group, self.cols, first, count, &mut plain);
             let out = &mut out[done * self.cols..(done + count) * self.cols];
             isa.decode(Format::Q8_0, &plain[..count * self.row_bytes()], out);
             done += count;

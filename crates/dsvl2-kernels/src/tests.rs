@@ -909,3 +909,18 @@ fn matmul_many_with_q8_0_r16() {
             .all(|((p, q), s)| (p - q).abs() as f64 <= 4e-6 * s));
     }
 }
+
+/// The SIMD group-to-rows copy gives the scalar one's bytes: the plain q8_0 rows the group was made from.
+#[test]
+fn q8_0_r16_groups_back_to_rows_on_every_kernel_set() {
+    for cols in [32, 96, 1280] {
+        let data = test_data(16 * cols, 85);
+        let plain = PackedMatrix::from_f32(Format::Q8_0, 16, cols, &data).unwrap();
+        let r16 = PackedMatrix::from_f32(Format::Q8_0R16, 16, cols, &data).unwrap();
+        for isa in isas() {
+            let mut rows = vec![0u8; plain.storage_bytes()];
+            isa.deinterleave_r16(r16.as_bytes(), cols, 0, 16, &mut rows);
+            assert_eq!(rows, plain.as_bytes(), "{isa:?} cols={cols}");
+        }
+    }
+}
