@@ -264,8 +264,9 @@ unsafe fn q4k_tile<const R: usize, const G: usize>(
 /// convert and one FMA for 16 rows (the plain layout needs them per row, plus a permute). The weight
 /// is made unsigned as `w + 128` (`xor 0x80`, shared by the activation rows) and the sum starts at
 /// `-128 · Σx` (`QuantizedActs::bias_sum`), so the integer dot products are exact. Up to 8 activation
-/// rows share each weight load; two accumulator chains per row (even and odd chunks) halve the
-/// `vpdpbusd` latency chain.
+/// rows share each weight load. With fewer than 4 activation rows, two accumulator chains per row (even
+/// and odd chunks) halve the `vpdpbusd` latency chain; with 4 or more the rows' chains already overlap,
+/// and one chain each leaves registers for 8 rows without spilling.
 ///
 /// # Safety
 /// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI must be available; `w` must hold `nrows` rows of
@@ -316,7 +317,7 @@ unsafe fn r16_tile<const G: usize>(
             let wu = _mm512_xor_si512(_mm512_loadu_si512(blk.add(2 * R16 + 64 * c) as *const __m512i), bias);
             for g in 0..G {
                 let x = _mm512_set1_epi32((xq[g].add(b * QK8_0 + 4 * c) as *const i32).read_unaligned());
-                if c % 2 == 0 {
+                if G >= 4 || c % 2 == 0 {
                     even[g] = _mm512_dpbusd_epi32(even[g], wu, x);
                 } else {
                     odd[g] = _mm512_dpbusd_epi32(odd[g], wu, x);
@@ -325,7 +326,11 @@ unsafe fn r16_tile<const G: usize>(
         }
         for g in 0..G {
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[g].add(b)));
-            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[g], odd[g]));
+            let dot = _mm512_cvtepi32_ps(if G >= 4 {
+                even[g]
+            } else {
+                _mm512_add_epi32(even[g], odd[g])
+            });
             acc[g] = _mm512_fmadd_ps(dot, scale, acc[g]);
         }
     }
