@@ -103,9 +103,9 @@ impl Isa {
     /// Rows `first..first + n` of one q8_0_r16 group as plain q8_0 rows (see
     /// [`crate::quant::deinterleave_r16`]); whole groups by SIMD where the CPU has AVX2.
     pub(crate) fn deinterleave_r16(self, group: &[u8], cols: usize, first: usize, n: usize, plain: &mut [u8]) {
-        let nb = cols / crate::format::QK8_0;
         #[cfg(target_arch = "x86_64")]
         if self != Isa::Scalar && first == 0 && n == R16 {
+            let nb = cols / crate::format::QK8_0;
             assert!(
                 group.len() >= nb * crate::format::Q8_0R16_GROUP_BYTES
                     && plain.len() >= R16 * nb * crate::format::Q8_0_BYTES
