@@ -129,16 +129,15 @@ pub(crate) fn coretype_fix() -> Option<&'static str> {
 /// Whether OpenBLAS should run the large products: its kernels are as new as the CPU, or the user
 /// chose them with `OPENBLAS_CORETYPE`. Otherwise the `gemm` crate's are faster (see the module doc).
 pub(crate) fn kernels_suit_cpu() -> bool {
-    let suit = std::env::var_os("OPENBLAS_CORETYPE").is_some() || !kernels_older_than_cpu();
-    if !suit {
-        tracing::warn!(
-            "OpenBLAS chose its {:?} kernels, older than this CPU; large products run on the `gemm` crate \
-             (set OPENBLAS_CORETYPE={} for OpenBLAS's own, faster, ones)",
-            corename(),
-            coretype_fix().unwrap_or("?")
-        );
-    }
-    suit
+    let Some(fix) = coretype_fix() else {
+        return true;
+    };
+    tracing::warn!(
+        "OpenBLAS chose its {:?} kernels, older than this CPU; large products run on the `gemm` crate \
+         (set OPENBLAS_CORETYPE={fix} for OpenBLAS's own, faster, ones)",
+        corename(),
+    );
+    false
 }
 
 /// Products with an inner or output dimension below this stay on the `gemm` crate.
