@@ -60,14 +60,72 @@ pub fn decode_attention<T: CacheValue>(
     shape: &AttentionShape,
     out: &mut [f32],
 ) {
-    decode_attention_isa(Isa::detect(), q, keys, values, len, shape, out)
+    decode_attention_isa(Isa::detect(), q, keys, values, None, len, shape, out)
 }
 
+/// [`decode_attention`] over an 8-bit cache (half the bytes of f16 to stream per decoded token):
+/// each position's row of one key head is stored as `key_dim` i8 values and one f32 scale, so key
+/// value `d` of head `g` at position `j` is `keys[j * key_stride + g * key_dim + d] as f32 ·
+/// key_scales[j * kv_heads + g]`; values likewise.
+///
+/// # Panics
+/// As [`decode_attention`], and if a scale slice holds fewer than `len · kv_heads` values.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_i8(
+    q: &[f32],
+    keys: &[i8],
+    key_scales: &[f32],
+    values: &[i8],
+    value_scales: &[f32],
+    len: usize,
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
+    let scales = RowScales {
+        keys: key_scales,
+        values: value_scales,
+    };
+    decode_attention_isa(Isa::detect(), q, keys, values, Some(scales), len, shape, out)
+}
+
+/// Rounds `x`'s rows of `row_len` values to i8 with one f32 scale per row (the row's largest
+/// magnitude maps to 127): `x[r * row_len + d] ≈ out[r * row_len + d] as f32 · scales[r]`, off by at
+/// most half a scale. Rows of an 8-bit cache are one position's values of one head
+/// (see [`decode_attention_i8`]).
+///
+/// # Panics
+/// If `row_len` is zero or the lengths disagree.
+pub fn quantize_i8_rows(x: &[f32], row_len: usize, out: &mut [i8], scales: &mut [f32]) {
+    assert!(
+        row_len > 0 && x.len().is_multiple_of(row_len),
+        "rows of {row_len} values"
+    );
+    assert_eq!(out.len(), x.len(), "one i8 per value");
+    assert_eq!(scales.len(), x.len() / row_len, "one scale per row");
+    for ((row, q), scale) in x.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)).zip(scales) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *scale = max / 127.0;
+        let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
+        q.iter_mut()
+            .zip(row)
+            .for_each(|(q, v)| *q = (v * inverse).round() as i8);
+    }
+}
+
+/// The per-position, per-head scales of an 8-bit cache (see [`decode_attention_i8`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowScales<'a> {
+    pub(crate) keys: &'a [f32],
+    pub(crate) values: &'a [f32],
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention_isa<T: CacheValue>(
     isa: Isa,
     q: &[f32],
     keys: &[T],
     values: &[T],
+    scales: Option<RowScales>,
     len: usize,
     s: &AttentionShape,
     out: &mut [f32],
@@ -93,6 +151,12 @@ pub(crate) fn decode_attention_isa<T: CacheValue>(
         values.len() >= (len - 1) * s.value_stride + s.kv_heads * s.value_dim,
         "values shorter than {len} positions"
     );
+    if let Some(scales) = scales {
+        assert!(
+            scales.keys.len() >= len * s.kv_heads && scales.values.len() >= len * s.kv_heads,
+            "fewer than {len} positions of scales"
+        );
+    }
     // Enough tasks to balance the threads, each reading at least ~64 KiB of cache.
     let row_bytes = std::mem::size_of::<T>() * (s.kv_heads * (s.key_dim + s.value_dim));
     let min_rows = (64 * 1024 / row_bytes.max(1)).max(1);
@@ -101,7 +165,7 @@ pub(crate) fn decode_attention_isa<T: CacheValue>(
         .into_par_iter()
         .map(|c| {
             let positions = c * chunk..((c + 1) * chunk).min(len);
-            isa.attend_positions(q, keys, values, positions, s)
+            isa.attend_positions(q, keys, values, scales, positions, s)
         })
         .collect();
     merge(&partials, s, out);
@@ -124,7 +188,8 @@ fn merge(partials: &[Partial], s: &AttentionShape, out: &mut [f32]) {
     }
 }
 
-/// A value type a cache can hold: f32, or f16 (half the bytes to stream per decoded token).
+/// A value type a cache can hold: f32, f16 (half the bytes to stream per decoded token), or i8
+/// (with a scale per position and head, see [`decode_attention_i8`]).
 pub trait CacheValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
 
@@ -240,6 +305,40 @@ impl CacheValue for half::f16 {
     }
 }
 
+impl CacheValue for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+
+    #[inline(always)]
+    unsafe fn widen<'a>(src: &'a [i8], buf: &'a mut [f32], _: bool) -> &'a [f32] {
+        let buf = &mut buf[..src.len()];
+        buf.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32);
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[i8]) -> f32 {
+        if L == 16 {
+            crate::simd::avx512::dot_i8(q, k)
+        } else {
+            crate::simd::x86::dot_i8(q, k)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[i8]; 4]) {
+        if L == 16 {
+            crate::simd::avx512::axpy4_i8(acc, p, v)
+        } else {
+            crate::simd::x86::axpy4_i8(acc, p, v)
+        }
+    }
+}
+
 /// Dot product with four vectors of `L` partial sums: one vector's chain of dependent adds (about
 /// 3 cycles each) made a 128-wide dot latency-bound. The four accumulators are separate arrays
 /// updated by plain lane loops: as one `[[f32; L]; 4]` indexed in nested loops, LLVM kept them on the
@@ -303,6 +402,7 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     q: &[f32],
     keys: &[T],
     values: &[T],
+    scales: Option<RowScales>,
     positions: std::ops::Range<usize>,
     s: &AttentionShape,
     f16c: bool,
@@ -330,10 +430,18 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
             scores[h * n + i] = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
         }
     }
+    // An 8-bit cache's scales, applied to the scores rather than in the row kernels: the keys' to
+    // the dot products, the values' to the weights of the rows (after the softmax's sums).
+    if let Some(scales) = scales {
+        scale_scores(&mut scores, scales.keys, &positions, s);
+    }
     let mut max = vec![f32::NEG_INFINITY; s.heads];
     let mut sum = vec![0f32; s.heads];
     for h in 0..s.heads {
         (max[h], sum[h]) = crate::math::exp_shifted_in_place(&mut scores[h * n..(h + 1) * n]);
+    }
+    if let Some(scales) = scales {
+        scale_scores(&mut scores, scales.values, &positions, s);
     }
     // Values four positions at a time: each head's accumulator row is loaded and stored once per
     // four rows instead of once per row (that traffic was most of this loop's work).
@@ -402,6 +510,18 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     Partial { max, sum, acc }
 }
 
+/// `scores[h * n + i] *= scales[j * kv_heads + g]` for position `j = positions.start + i` and the
+/// key/value head `g` that query head `h` reads.
+fn scale_scores(scores: &mut [f32], scales: &[f32], positions: &std::ops::Range<usize>, s: &AttentionShape) {
+    let (n, group) = (positions.len(), s.heads / s.kv_heads);
+    for (h, row) in scores.chunks_exact_mut(n).enumerate() {
+        let g = h / group;
+        for (score, j) in row.iter_mut().zip(positions.clone()) {
+            *score *= scales[j * s.kv_heads + g];
+        }
+    }
+}
+
 /// The values of position `j` as f32 (widened into `buf` if need be), with those four positions
 /// ahead prefetched.
 ///
@@ -437,17 +557,18 @@ impl Isa {
         q: &[f32],
         keys: &[T],
         values: &[T],
+        scales: Option<RowScales>,
         positions: std::ops::Range<usize>,
         s: &AttentionShape,
     ) -> Partial {
         match self {
             // SAFETY: no F16C asked for.
-            Isa::Scalar => unsafe { attend_positions::<8, T>(q, keys, values, positions, s, false) },
+            Isa::Scalar => unsafe { attend_positions::<8, T>(q, keys, values, scales, positions, s, false) },
             // SAFETY: these variants are only constructed after their features were detected.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, positions, s) },
+            Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, scales, positions, s) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { crate::simd::avx512::attend_positions(q, keys, values, positions, s) },
+            Isa::Avx512 => unsafe { crate::simd::avx512::attend_positions(q, keys, values, scales, positions, s) },
         }
     }
 }

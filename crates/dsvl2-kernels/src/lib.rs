@@ -5,8 +5,8 @@
 //!   [`PackedMatrix::matmul`] computing `y = x · Wᵀ`: GEMV kernels for decoding (weights streamed once
 //!   for all activation rows), dequantized panels + `gemm` for prefill.
 //! * [`matmul_many`]: several small products in one parallel dispatch (MoE experts).
-//! * [`decode_attention`]: one query row per head over a sequence's cache, split over positions;
-//!   [`prefill_attention`]: many query rows (the vision tower, prompts), heads in parallel.
+//! * [`decode_attention`]: one query row per head over a sequence's cache (f32, f16, or i8 with
+//!   [`decode_attention_i8`]), split over positions; [`prefill_attention`]: many query rows (the vision tower, prompts), heads in parallel.
 //!
 //! Kernels are chosen at run time: AVX-512 (F/BW/VL/VNNI) or AVX2 + FMA + F16C on x86-64 when
 //! available (and the AVX-512 matmul kernels of `gemm` for large products), portable scalar code
@@ -27,7 +27,10 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{decode_attention, prefill_attention, AttentionShape, CacheValue, HeadRows, PrefillShape};
+pub use attention::{
+    decode_attention, decode_attention_i8, prefill_attention, quantize_i8_rows, AttentionShape, CacheValue, HeadRows,
+    PrefillShape,
+};
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
 pub use packed::{PackedMatrix, SharedBytes};

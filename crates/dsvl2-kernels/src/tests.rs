@@ -643,7 +643,7 @@ fn decode_attention_matches_f64_reference() {
                     test_data(len * shape.value_stride, 11 + len as u64)
                 };
                 let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
-                decode_attention_isa(isa, &q, &keys, &values, len, &shape, &mut out);
+                decode_attention_isa(isa, &q, &keys, &values, None, len, &shape, &mut out);
                 let want = attention_reference(&q, &keys, &values, len, &shape);
                 let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
                 for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
@@ -805,10 +805,74 @@ fn decode_attention_reads_f16_caches() {
         let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
         for isa in isas() {
             let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
-            decode_attention_isa(isa, &q, &keys16, &values16, len, &shape, &mut out);
+            decode_attention_isa(isa, &q, &keys16, &values16, None, len, &shape, &mut out);
             for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                 // Tolerance 1e-5: measured worst 4.1e-8 (the cache values are exact in f16 and in the
                 // reference); the margin covers other CPUs' summation orders.
+                assert!(
+                    (g as f64 - w).abs() <= 1e-5 * scale,
+                    "{isa:?} {shape:?} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_attention_reads_i8_caches() {
+    // As for f16: head widths for the four-accumulator loop (128), single vectors with a tail (24),
+    // and tails only (19); grouped queries read each key head's own scales.
+    for (heads, kv_heads, dim) in [(4, 2, 24), (4, 4, 128), (3, 1, 19)] {
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            key_dim: dim,
+            value_dim: dim,
+            key_stride: kv_heads * dim,
+            value_stride: kv_heads * dim,
+            scale: 0.2,
+        };
+        let len = 300;
+        let q = test_data(shape.heads * shape.key_dim, 1);
+        // Rows with magnitudes that differ by position and head, so a scale read for the wrong
+        // position or head shows.
+        let quantize = |seed: u64| -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+            let mut x = test_data(len * kv_heads * dim, seed);
+            for (r, row) in x.chunks_exact_mut(dim).enumerate() {
+                row.iter_mut().for_each(|v| *v *= 0.25 + (r % 7) as f32);
+            }
+            let (mut q8, mut scales) = (vec![0i8; x.len()], vec![0f32; len * kv_heads]);
+            crate::quantize_i8_rows(&x, dim, &mut q8, &mut scales);
+            for (r, (row, q8)) in x.chunks_exact(dim).zip(q8.chunks_exact(dim)).enumerate() {
+                for (v, &q) in row.iter().zip(q8) {
+                    assert!(
+                        (v - q as f32 * scales[r]).abs() <= 0.5001 * scales[r],
+                        "rounding of row {r}"
+                    );
+                }
+            }
+            let back = q8
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * scales[i / dim])
+                .collect();
+            (q8, scales, back)
+        };
+        let (keys8, key_scales, keys) = quantize(2);
+        let (values8, value_scales, values) = quantize(3);
+        let want = attention_reference(&q, &keys, &values, len, &shape);
+        let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+        let scales = crate::attention::RowScales {
+            keys: &key_scales,
+            values: &value_scales,
+        };
+        for isa in isas() {
+            let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
+            decode_attention_isa(isa, &q, &keys8, &values8, Some(scales), len, &shape, &mut out);
+            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                // Against the dequantized cache, so only f32 rounding remains (the kernel applies the
+                // scales to the scores, the reference to the values). Tolerance 1e-5: measured worst
+                // 1.8e-6 of the largest output, every kernel set; the margin covers other CPUs' orders.
                 assert!(
                     (g as f64 - w).abs() <= 1e-5 * scale,
                     "{isa:?} {shape:?} [{i}]: {g} vs {w}"

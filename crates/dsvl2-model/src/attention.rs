@@ -8,13 +8,13 @@
 use candle_core::{DType, Tensor, D};
 use dsvl2_config::LanguageConfig;
 
-use crate::cache::{GrowingTensor, LayerCache};
+use crate::cache::{CacheFormat, GrowingTensor, HeadCache, HeadRowsView, LayerCache};
 use crate::linear::{f32_rows, forward_many, with_cpu_slice, with_f32_slice, Linear};
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
-use dsvl2_kernels::{decode_attention, prefill_attention, AttentionShape, HeadRows, PrefillShape};
+use dsvl2_kernels::{decode_attention, decode_attention_i8, prefill_attention, AttentionShape, HeadRows, PrefillShape};
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
@@ -67,15 +67,16 @@ impl Attention {
         }
     }
 
-    /// An empty cache. MHA holds its keys and values as `dtype` (f32, or f16 to halve what decoding
-    /// streams; the decode kernel reads either). MLA always holds f32: its cache is already small
-    /// (rank + rope values per token), and candle's matmuls over it would convert an f16 cache to
-    /// f32 in full for every token and layer, costing more than the bytes saved.
-    pub fn new_cache(&self, dtype: DType) -> LayerCache {
+    /// An empty cache. MHA holds its keys and values in `format` (f32, or f16 / i8 to halve /
+    /// quarter what decoding streams; the decode kernel reads each in place). MLA always holds f32:
+    /// its cache is already small (rank + rope values per token), and candle's matmuls over it would
+    /// convert a smaller cache to f32 in full for every token and layer, costing more than the bytes
+    /// saved.
+    pub fn new_cache(&self, format: CacheFormat) -> LayerCache {
         match self {
             Attention::Mha(_) => LayerCache::Mha {
-                keys: GrowingTensor::new(dtype),
-                values: GrowingTensor::new(dtype),
+                keys: HeadCache::new(format),
+                values: HeadCache::new(format),
             },
             Attention::Mla(_) => LayerCache::Mla {
                 latent: GrowingTensor::new(DType::F32),
@@ -228,8 +229,8 @@ impl Mha {
         k: &Tensor,
         v: &Tensor,
         causal: bool,
-        keys: &mut GrowingTensor,
-        values: &mut GrowingTensor,
+        keys: &mut HeadCache,
+        values: &mut HeadCache,
     ) -> candle_core::Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let t = q.dim(1)?;
@@ -239,6 +240,8 @@ impl Mha {
         if t == 1 {
             return self.attend_one(q, &k_all, &v_all);
         }
+        // A prompt chunk reads the cache as f32 (what it holds, widened once per chunk and layer).
+        let (k_all, v_all) = (k_all.to_f32()?, v_all.to_f32()?);
         // Several rows: attention over the cache, read in place by the kernels' attention, heads in
         // parallel (the rows of a prompt chunk are causal: the segment's mask is always that one).
         let shape = PrefillShape {
@@ -273,8 +276,9 @@ impl Mha {
     /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place by
     /// the kernels' decode attention, which splits the positions (not the heads) over the threads,
     /// so the cache streams through once. Returns `[1, h*hd]`.
-    fn attend_one(&self, q: &Tensor, k_all: &Tensor, v_all: &Tensor) -> candle_core::Result<Tensor> {
+    fn attend_one(&self, q: &Tensor, k_all: &HeadRowsView, v_all: &HeadRowsView) -> candle_core::Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let device = q.device().clone();
         let q = f32_rows(q)?;
         let shape = AttentionShape {
             heads: h,
@@ -286,21 +290,43 @@ impl Mha {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let mut out = vec![0f32; h * hd];
-        let len = k_all.dim(0)?;
-        match k_all.dtype() {
-            DType::F16 => with_cpu_slice::<half::f16, _>(k_all, |keys| {
-                with_cpu_slice::<half::f16, _>(v_all, |values| {
-                    decode_attention(&q, keys, values, len, &shape, &mut out)
-                })
-            })??,
-            _ => with_f32_slice(k_all, |keys| {
+        let len = k_all.len()?;
+        match (k_all, v_all) {
+            (HeadRowsView::Float(k_all), HeadRowsView::Float(v_all)) if k_all.dtype() == DType::F16 => {
+                with_cpu_slice::<half::f16, _>(k_all, |keys| {
+                    with_cpu_slice::<half::f16, _>(v_all, |values| {
+                        decode_attention(&q, keys, values, len, &shape, &mut out)
+                    })
+                })??
+            }
+            (HeadRowsView::Float(k_all), HeadRowsView::Float(v_all)) => with_f32_slice(k_all, |keys| {
                 with_f32_slice(v_all, |values| {
                     decode_attention(&q, keys, values, len, &shape, &mut out)
                 })
             })??,
+            (HeadRowsView::I8 { values: k8, scales: ks }, HeadRowsView::I8 { values: v8, scales: vs }) => {
+                with_i8_slice(k8, |keys| {
+                    with_i8_slice(v8, |values| {
+                        with_f32_slice(ks, |key_scales| {
+                            with_f32_slice(vs, |value_scales| {
+                                decode_attention_i8(&q, keys, key_scales, values, value_scales, len, &shape, &mut out)
+                            })
+                        })
+                    })
+                })????
+            }
+            _ => candle_core::bail!("keys and values are cached in different formats"),
         }
-        Tensor::from_vec(out, (1, h * hd), k_all.device())
+        Tensor::from_vec(out, (1, h * hd), &device)
     }
+}
+
+/// Runs `f` on an i8 cache's values (held as their u8 bit patterns).
+fn with_i8_slice<R>(x: &Tensor, f: impl FnOnce(&[i8]) -> R) -> candle_core::Result<R> {
+    with_cpu_slice::<u8, _>(x, |bits| {
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid in both.
+        f(unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const i8, bits.len()) })
+    })
 }
 
 enum QueryProjection {

@@ -64,11 +64,155 @@ impl GrowingTensor {
     }
 }
 
+/// How an MHA cache holds its keys and values (`--kv-cache`). MLA caches are always f32 (see
+/// `Attention::new_cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheFormat {
+    /// The reference's numbers.
+    F32,
+    /// Half the bytes: decoding reads the whole cache for every token.
+    F16,
+    /// A quarter of f32's bytes: i8 values with one f32 scale per position and head (the row's
+    /// largest magnitude maps to 127), i.e. 132 bytes per 128-value head row against f16's 256.
+    I8,
+}
+
+impl CacheFormat {
+    pub const ALL: [CacheFormat; 3] = [CacheFormat::F32, CacheFormat::F16, CacheFormat::I8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheFormat::F32 => "f32",
+            CacheFormat::F16 => "f16",
+            CacheFormat::I8 => "i8",
+        }
+    }
+}
+
+impl std::fmt::Display for CacheFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CacheFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        CacheFormat::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown cache format '{s}' (expected one of: f32, f16, i8)"))
+    }
+}
+
+/// Keys or values of one MHA layer, `[len, kv_heads, head_dim]`.
+#[derive(Debug)]
+pub enum HeadCache {
+    /// f32 or f16 values.
+    Float(GrowingTensor),
+    /// i8 values (stored as their u8 bit patterns, candle has no i8) and one f32 scale per position
+    /// and head, `[len, kv_heads]`.
+    I8 {
+        values: GrowingTensor,
+        scales: GrowingTensor,
+    },
+}
+
+/// What a [`HeadCache`] holds after an append: every position so far, `[len, kv_heads, head_dim]`.
+pub enum HeadRowsView {
+    Float(Tensor),
+    /// u8 bit patterns of i8 values `[len, kv_heads, head_dim]` and scales `[len, kv_heads]`.
+    I8 {
+        values: Tensor,
+        scales: Tensor,
+    },
+}
+
+impl HeadCache {
+    pub fn new(format: CacheFormat) -> Self {
+        match format {
+            CacheFormat::F32 => HeadCache::Float(GrowingTensor::new(DType::F32)),
+            CacheFormat::F16 => HeadCache::Float(GrowingTensor::new(DType::F16)),
+            CacheFormat::I8 => HeadCache::I8 {
+                values: GrowingTensor::new(DType::U8),
+                scales: GrowingTensor::new(DType::F32),
+            },
+        }
+    }
+
+    /// Appends `x` (`[n, kv_heads, head_dim]`, rounded to this cache's format) and returns every
+    /// position so far.
+    pub fn append(&mut self, x: &Tensor) -> candle_core::Result<HeadRowsView> {
+        match self {
+            HeadCache::Float(t) => Ok(HeadRowsView::Float(t.append(x)?)),
+            HeadCache::I8 { values, scales } => {
+                let (n, kv, dim) = x.dims3()?;
+                let device = x.device().clone();
+                let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let (mut q, mut s) = (vec![0i8; x.len()], vec![0f32; n * kv]);
+                dsvl2_kernels::quantize_i8_rows(&x, dim, &mut q, &mut s);
+                let bits: Vec<u8> = q.into_iter().map(|v| v as u8).collect();
+                let values = values.append(&Tensor::from_vec(bits, (n, kv, dim), &device)?)?;
+                let scales = scales.append(&Tensor::from_vec(s, (n, kv), &device)?)?;
+                Ok(HeadRowsView::I8 { values, scales })
+            }
+        }
+    }
+
+    pub fn fork(&self) -> candle_core::Result<Self> {
+        Ok(match self {
+            HeadCache::Float(t) => HeadCache::Float(t.fork()?),
+            HeadCache::I8 { values, scales } => HeadCache::I8 {
+                values: values.fork()?,
+                scales: scales.fork()?,
+            },
+        })
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            HeadCache::Float(t) => t.truncate(len),
+            HeadCache::I8 { values, scales } => {
+                values.truncate(len);
+                scales.truncate(len);
+            }
+        }
+    }
+}
+
+impl HeadRowsView {
+    /// Every position as f32 `[len, kv_heads, head_dim]` (the i8 values times their scales).
+    pub fn to_f32(&self) -> candle_core::Result<Tensor> {
+        match self {
+            HeadRowsView::Float(t) => t.to_dtype(DType::F32),
+            HeadRowsView::I8 { values, scales } => {
+                let (len, kv, dim) = values.dims3()?;
+                let bits = values.flatten_all()?.to_vec1::<u8>()?;
+                let scales = scales.flatten_all()?.to_vec1::<f32>()?;
+                let x: Vec<f32> = bits
+                    .chunks_exact(dim)
+                    .zip(&scales)
+                    .flat_map(|(row, &s)| row.iter().map(move |&b| b as i8 as f32 * s))
+                    .collect();
+                Tensor::from_vec(x, (len, kv, dim), values.device())
+            }
+        }
+    }
+
+    pub fn len(&self) -> candle_core::Result<usize> {
+        match self {
+            HeadRowsView::Float(t) => t.dim(0),
+            HeadRowsView::I8 { values, .. } => values.dim(0),
+        }
+    }
+}
+
 /// One decoder layer's cache.
 #[derive(Debug)]
 pub enum LayerCache {
     /// Rotated keys and values, `[len, kv_heads, head_dim]` each.
-    Mha { keys: GrowingTensor, values: GrowingTensor },
+    Mha { keys: HeadCache, values: HeadCache },
     /// Normalised latent `[len, kv_lora_rank]` and rotated shared key `[len, rope_dim]`.
     Mla {
         latent: GrowingTensor,

@@ -6,7 +6,7 @@ use dsvl2_config::LanguageConfig;
 use dsvl2_kernels::Format;
 
 use crate::attention::{Attention, AttentionInput, Segment};
-use crate::cache::SequenceCache;
+use crate::cache::{CacheFormat, SequenceCache};
 use crate::linear::Linear;
 use crate::moe::{FeedForward, Mlp, Moe};
 use crate::norm::RmsNorm;
@@ -28,6 +28,8 @@ pub struct LanguageModel {
     rope: RotaryEmbedding,
     cfg: LanguageConfig,
     device: Device,
+    /// What [`Self::new_cache`] makes.
+    cache_format: CacheFormat,
 }
 
 /// Consecutive rows of one sequence in a decoder input, with its cache and causal mask.
@@ -74,7 +76,13 @@ impl LanguageModel {
         } else {
             Linear::load(w, "language.lm_head", d, cfg.vocab_size, false)?
         };
+        let cache_format = if lm_head.format() == Format::F32 {
+            CacheFormat::F32
+        } else {
+            CacheFormat::F16
+        };
         Ok(LanguageModel {
+            cache_format,
             embed_tokens,
             layers,
             norm,
@@ -115,18 +123,28 @@ impl LanguageModel {
         &self.rope
     }
 
-    /// An empty cache. MHA keys and values are f32 when the weights are f32 (the reference's
-    /// numbers), otherwise f16: decoding reads the whole cache for every token (at a 1000-token
-    /// context, 128 MB of f32 keys and values in tiny against 613 MB of q8_0 weights), and with
-    /// compact weights the cache's own rounding is of the same order as theirs. MLA caches stay f32
-    /// (see [`Attention::new_cache`]).
+    /// An empty cache whose MHA keys and values are held in [`Self::cache_format`] (MLA caches stay
+    /// f32, see [`Attention::new_cache`]).
     pub fn new_cache(&self) -> SequenceCache {
-        let dtype = if self.lm_head.format() == Format::F32 {
-            DType::F32
-        } else {
-            DType::F16
-        };
-        SequenceCache::new(self.layers.iter().map(|l| l.attention.new_cache(dtype)).collect())
+        SequenceCache::new(
+            self.layers
+                .iter()
+                .map(|l| l.attention.new_cache(self.cache_format))
+                .collect(),
+        )
+    }
+
+    /// How new caches hold MHA keys and values. By default f32 when the weights are f32 (the
+    /// reference's numbers), otherwise f16: decoding reads the whole cache for every token (at a
+    /// 1000-token context, 128 MB of f32 keys and values in tiny against 613 MB of q8_0 weights),
+    /// and with compact weights the cache's own rounding is of the same order as theirs.
+    pub fn cache_format(&self) -> CacheFormat {
+        self.cache_format
+    }
+
+    /// Makes later [`Self::new_cache`] calls hold MHA keys and values in `format`.
+    pub fn set_cache_format(&mut self, format: CacheFormat) {
+        self.cache_format = format;
     }
 
     /// Token embeddings `[len, hidden]`; ids past the vocabulary are an error, not a panic.

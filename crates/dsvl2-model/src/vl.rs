@@ -9,7 +9,7 @@ use dsvl2_kernels::Format;
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::vision::VisionTower;
-use crate::{GgufWeights, ModelError, SequenceCache, Weights};
+use crate::{CacheFormat, GgufWeights, ModelError, SequenceCache, Weights};
 
 /// Per-stage outputs of one prefill, for parity tests and debugging.
 #[derive(Debug, Default)]
@@ -42,6 +42,9 @@ pub struct LoadOptions {
     pub weight_format: Format,
     /// Where a GGUF file's quantized weights are read from while running (see [`GgufWeights`]).
     pub gguf_weights: GgufWeights,
+    /// How caches hold MHA keys and values (`--kv-cache`); `None`: f32 with f32 weights, f16
+    /// otherwise (see [`LanguageModel::cache_format`]).
+    pub kv_cache: Option<CacheFormat>,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +52,7 @@ impl Default for LoadOptions {
         LoadOptions {
             weight_format: Format::F32,
             gguf_weights: GgufWeights::Mapped,
+            kv_cache: None,
         }
     }
 }
@@ -87,7 +91,11 @@ impl DeepseekVl2 {
     ) -> Result<Self, ModelError> {
         let weights = Weights::open_with(&dir.weights, device, DType::F32, options.gguf_weights)?
             .with_format(options.weight_format);
-        Self::load_from(weights, dir, progress)
+        let mut model = Self::load_from(weights, dir, progress)?;
+        if let Some(format) = options.kv_cache {
+            model.language.set_cache_format(format);
+        }
+        Ok(model)
     }
 
     fn load_from(
@@ -141,8 +149,14 @@ impl DeepseekVl2 {
         &self.device
     }
 
+    /// An empty cache, holding MHA keys and values in [`LanguageModel::cache_format`].
     pub fn new_cache(&self) -> SequenceCache {
         self.language.new_cache()
+    }
+
+    /// Makes later [`Self::new_cache`] calls hold MHA keys and values in `format`.
+    pub fn set_cache_format(&mut self, format: CacheFormat) {
+        self.language.set_cache_format(format);
     }
 
     /// Image tokens one image with `tw x th` local tiles occupies (must match the processor).

@@ -54,6 +54,13 @@ pub struct LoadArgs {
     /// file's pages: for long-running servers. Default: off (mapped).
     #[arg(long)]
     pub no_mmap: bool,
+
+    /// How the attention cache holds keys and values: f32, f16 or i8 (one scale per position and
+    /// head; half of f16's bytes, which decoding reads for every token: faster at long contexts and
+    /// in batches, at a small cost in accuracy). Only tiny's attention has such a cache (small and
+    /// base keep their compact latent cache in f32). Default: f32 with f32 weights, f16 otherwise.
+    #[arg(long, value_name = "FORMAT")]
+    pub kv_cache: Option<dsvl2_model::CacheFormat>,
 }
 
 impl LoadArgs {
@@ -65,6 +72,7 @@ impl LoadArgs {
             } else {
                 dsvl2_model::GgufWeights::Mapped
             },
+            kv_cache: self.kv_cache,
         }
     }
 }
@@ -91,6 +99,9 @@ pub fn load_model(dir: ModelDir, options: &LoadOptions) -> anyhow::Result<Loaded
         .with_context(|| format!("cannot load the weights of {}", dir.root.display()))?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
+    }
+    if dir.config.language.use_mla && options.kv_cache.is_some_and(|f| f != dsvl2_model::CacheFormat::F32) {
+        tracing::warn!("--kv-cache applies to tiny's attention only: this model's latent cache stays f32");
     }
     Ok(LoadedModel {
         dir,

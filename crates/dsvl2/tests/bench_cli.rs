@@ -266,9 +266,10 @@ fn positive(report: &Value, key: &str) -> f64 {
     v
 }
 
-fn check_bench_report(report: &Value, dtype: &str) {
+fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
     assert!(report["model"].as_str().unwrap().contains("tiny-like"));
     assert_eq!(report["dtype"], dtype);
+    assert_eq!(report["kv_cache"], kv_cache);
     assert!(report["cpu_features"].is_string());
     for key in [
         "threads",
@@ -324,13 +325,19 @@ fn check_bench_report(report: &Value, dtype: &str) {
 
 #[test]
 fn bench_reports_every_field_on_the_fixture_model() {
-    check_bench_report(&bench_report(&[]), "f32");
+    check_bench_report(&bench_report(&[]), "f32", "f32");
 }
 
 #[test]
 fn bench_reports_every_field_with_f16_weights() {
     let report = bench_report(&["--dtype", "f16"]);
-    check_bench_report(&report, "f16");
+    check_bench_report(&report, "f16", "f16");
+}
+
+#[test]
+fn bench_runs_with_an_i8_cache() {
+    let report = bench_report(&["--kv-cache", "i8"]);
+    check_bench_report(&report, "f32", "i8");
 }
 
 #[test]
@@ -345,6 +352,7 @@ fn bench_bad_input_is_a_clear_error() {
     assert_clear_error(&with(&["--max-new-tokens", "1"]), "max-new-tokens");
     assert_clear_error(&with(&["--batch", "0"]), "batch");
     assert_clear_error(&with(&["--dtype", "f64"]), "f64");
+    assert_clear_error(&with(&["--kv-cache", "i4"]), "i4");
     assert_clear_error(&with(&["--image", "/nonexistent/x.png"]), "x.png");
     assert_clear_error(&with(&["--max-new-tokens", "5000"]), "context");
 }

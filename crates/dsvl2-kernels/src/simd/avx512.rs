@@ -471,5 +471,15 @@ super::attention_kernels! {
     features: "avx512f,avx2,fma,f16c", lanes: 16, zero: _mm512_setzero_ps, splat: _mm512_set1_ps,
     load: _mm512_loadu_ps, store: _mm512_storeu_ps, add: _mm512_add_ps, mul: _mm512_mul_ps,
     fmadd: _mm512_fmadd_ps, sum: _mm512_reduce_add_ps, widen_f16: _mm512_cvtph_ps, f16_bits: __m256i,
-    load_bits: _mm256_loadu_si256
+    load_bits: _mm256_loadu_si256, load_i8: load_i8_ps
+}
+
+/// 16 signed bytes from `p` as f32 lanes (an i8 cache row's values).
+///
+/// # Safety
+/// AVX-512 F must be available and `p` valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_i8_ps(p: *const i8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
 }

@@ -75,10 +75,11 @@ macro_rules! generic_kernels {
             q: &[f32],
             keys: &[T],
             values: &[T],
+            scales: Option<crate::attention::RowScales>,
             positions: std::ops::Range<usize>,
             s: &crate::AttentionShape,
         ) -> crate::attention::Partial {
-            crate::attention::attend_positions::<$lanes, T>(q, keys, values, positions, s, true)
+            crate::attention::attend_positions::<$lanes, T>(q, keys, values, scales, positions, s, true)
         }
 
         /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
@@ -109,9 +110,9 @@ macro_rules! generic_kernels {
 pub(crate) use generic_kernels;
 
 /// Instantiates decode attention's explicit kernels for one instruction set, reading cache rows of
-/// f32 or f16 in place (f16 widened in registers by `$widen`, so no f32 copy of each row is made):
-/// `dot_f32` / `dot_f16` give `Σ a·b` (the scores; four accumulators, then one horizontal `$sum`),
-/// and `axpy4_f32` / `axpy4_f16` do `acc += Σ_k p_k·v_k` over four rows (the values; each head's
+/// f32, f16 or i8 in place (f16 widened in registers by `$widen`, i8 by `$load_i8`, so no f32 copy of
+/// each row is made): `dot_*` give `Σ a·b` (the scores; four accumulators, then one horizontal `$sum`),
+/// and `axpy4_*` do `acc += Σ_k p_k·v_k` over four rows (the values; each head's
 /// accumulator row is loaded and stored once per four positions). Written with intrinsics: LLVM
 /// vectorised the generic loops with stack spills and scalar adds (AVX-512) or 2-lane loads (AVX2),
 /// per `perf annotate`. The other arguments name the intrinsics for vectors of `$lanes` f32.
@@ -120,7 +121,8 @@ macro_rules! attention_kernels {
     (
         features: $features:literal, lanes: $lanes:literal, zero: $zero:ident, splat: $splat:ident,
         load: $load:ident, store: $store:ident, add: $add:ident, mul: $mul:ident, fmadd: $fmadd:ident,
-        sum: $sum:ident, widen_f16: $widen:ident, f16_bits: $bits:ty, load_bits: $load_bits:ident
+        sum: $sum:ident, widen_f16: $widen:ident, f16_bits: $bits:ty, load_bits: $load_bits:ident,
+        load_i8: $load_i8:ident
     ) => {
         $crate::simd::attention_kernels!(@dot dot_f32, f32, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
             |p| $load(p));
@@ -130,6 +132,10 @@ macro_rules! attention_kernels {
             $mul, $fmadd, |p| $load(p));
         $crate::simd::attention_kernels!(@axpy4 axpy4_f16, half::f16, $features, $lanes, $splat, $load, $store,
             $add, $mul, $fmadd, |p| $widen($load_bits(p as *const $bits)));
+        $crate::simd::attention_kernels!(@dot dot_i8, i8, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
+            |p| $load_i8(p));
+        $crate::simd::attention_kernels!(@axpy4 axpy4_i8, i8, $features, $lanes, $splat, $load, $store, $add,
+            $mul, $fmadd, |p| $load_i8(p));
     };
     (@dot $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
         $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {

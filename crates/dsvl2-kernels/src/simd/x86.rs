@@ -520,5 +520,16 @@ super::generic_kernels!("avx2,fma,f16c", 8);
 super::attention_kernels! {
     features: "avx2,fma,f16c", lanes: 8, zero: _mm256_setzero_ps, splat: _mm256_set1_ps,
     load: _mm256_loadu_ps, store: _mm256_storeu_ps, add: _mm256_add_ps, mul: _mm256_mul_ps,
-    fmadd: _mm256_fmadd_ps, sum: hsum, widen_f16: _mm256_cvtph_ps, f16_bits: __m128i, load_bits: _mm_loadu_si128
+    fmadd: _mm256_fmadd_ps, sum: hsum, widen_f16: _mm256_cvtph_ps, f16_bits: __m128i, load_bits: _mm_loadu_si128,
+    load_i8: load_i8_ps
+}
+
+/// 8 signed bytes from `p` as f32 lanes (an i8 cache row's values).
+///
+/// # Safety
+/// AVX2 must be available and `p` valid for 8 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_i8_ps(p: *const i8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }

@@ -30,9 +30,21 @@ pub fn load_model(root: &Path, variant: &str) -> DeepseekVl2 {
 
 /// [`load_model`] with the linear weights stored in `format`.
 pub fn load_model_as(root: &Path, variant: &str, format: dsvl2_model::Format) -> DeepseekVl2 {
+    load_model_with(root, variant, format, None)
+}
+
+/// [`load_model`] with the linear weights stored in `format` and caches holding MHA keys and values
+/// in `kv_cache` (`None`: the default for `format`).
+pub fn load_model_with(
+    root: &Path,
+    variant: &str,
+    format: dsvl2_model::Format,
+    kv_cache: Option<dsvl2_model::CacheFormat>,
+) -> DeepseekVl2 {
     let dir = ModelDir::open(root.join("models").join(variant)).expect("fixture model folder opens");
     let options = dsvl2_model::LoadOptions {
         weight_format: format,
+        kv_cache,
         ..Default::default()
     };
     DeepseekVl2::load_with_options(&dir, &Device::Cpu, &options, None::<fn(u64, u64)>).expect("fixture model loads")

@@ -70,6 +70,8 @@ pub struct Report {
     pub model: String,
     /// Weight storage (`--dtype`).
     pub dtype: String,
+    /// How the attention cache holds keys and values (`--kv-cache`; MLA caches are always f32).
+    pub kv_cache: String,
     /// Threads of the compute pool (RAYON_NUM_THREADS or the cores available).
     pub threads: usize,
     pub cpu_features: String,
@@ -193,6 +195,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         model: loaded.dir.root.display().to_string(),
         dtype: stored_dtype(&loaded.dir, args.load.dtype),
+        kv_cache: model.language().cache_format().to_string(),
         threads: rayon::current_num_threads(),
         cpu_features: probe::cpu_features(),
         gemm_backend: dsvl2_model::gemm_backend(),
@@ -355,6 +358,7 @@ fn table(r: &Report) -> String {
     let mut rows: Vec<(String, String)> = vec![
         ("model".into(), r.model.clone()),
         ("dtype".into(), r.dtype.clone()),
+        ("kv cache".into(), r.kv_cache.clone()),
         ("threads".into(), r.threads.to_string()),
         ("cpu features".into(), r.cpu_features.clone()),
         ("gemm backend".into(), r.gemm_backend.clone()),
