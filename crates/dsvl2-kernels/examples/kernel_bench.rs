@@ -1,7 +1,8 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention]` (`gemv`: only
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode]` (`gemv`: only
 //! the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM table,
-//! `attention`: only decode attention over an f16 cache).
+//! `attention`: only decode attention over f16 and i8 caches, `decode`: the weight products of one
+//! decoded token of tiny, as the model dispatches them).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -11,7 +12,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use dsvl2_kernels::{cpu_features, decode_attention, matmul_many, AttentionShape, Format, MatmulJob, PackedMatrix};
+use dsvl2_kernels::{
+    cpu_features, decode_attention, decode_attention_i8, matmul_many, quantize_i8_rows, AttentionShape, Format,
+    MatmulJob, PackedMatrix,
+};
 use rayon::prelude::*;
 
 const COLD_BYTES: usize = 1 << 30;
@@ -164,6 +168,10 @@ fn main() {
     let reps = if quick { 5 } else { 15 };
     if std::env::args().any(|a| a == "attention") {
         attention_table(reps);
+        return;
+    }
+    if std::env::args().any(|a| a == "decode") {
+        decode_stream_table(reps);
         return;
     }
     println!(
@@ -387,38 +395,170 @@ fn attention_table(reps: usize) {
         value_stride: 1280,
         scale: 1.0 / (128f32).sqrt(),
     };
-    println!("\n== decode attention, f16 cache, 10 heads x 128 (cache GB/s, median of {reps} rounds) ==");
+    println!("\n== decode attention, 10 heads x 128 (cache GB/s, median of {reps} rounds) ==");
     println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>10}",
-        "len", "cold µs", "cold GB/s", "hot µs", "hot GB/s"
+        "{:>5} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "cache", "len", "cold µs", "cold GB/s", "hot µs", "hot GB/s"
     );
     let q = data(1280, 3);
     let mut out = vec![0f32; 1280];
     for len in [256usize, 1039, 4096] {
-        let cache: Vec<half::f16> = data(len * 1280, 5).into_iter().map(half::f16::from_f32).collect();
-        let bytes = 2 * 2 * cache.len();
-        let copies = COLD_BYTES.div_ceil(bytes).max(2);
-        let keys: Vec<Vec<half::f16>> = (0..copies).map(|_| cache.clone()).collect();
-        let values = keys.clone();
-        let mut next = 0;
-        let cold = median_secs(reps, |_| {
-            // One round visits every copy once; the figure is per call.
-            for _ in 0..copies {
-                next = (next + 1) % copies;
-                decode_attention(&q, &keys[next], &values[next], len, &shape, &mut out);
+        let rows = data(len * 1280, 5);
+        // f16: keys and values of 2 bytes; i8: 1 byte and one f32 scale per position and head.
+        let f16: Vec<half::f16> = rows.iter().copied().map(half::f16::from_f32).collect();
+        let (mut i8s, mut scales) = (vec![0i8; rows.len()], vec![0f32; len * 10]);
+        quantize_i8_rows(&rows, 128, &mut i8s, &mut scales);
+        let f16_bytes = 2 * 2 * f16.len();
+        let i8_bytes = 2 * (i8s.len() + 4 * scales.len());
+        // Keys and values in separate buffers (the same values), as in a cache.
+        let f16_call = |c: &[Vec<half::f16>; 2], out: &mut [f32]| decode_attention(&q, &c[0], &c[1], len, &shape, out);
+        let i8_call = |c: &[(Vec<i8>, Vec<f32>); 2], out: &mut [f32]| {
+            decode_attention_i8(&q, &c[0].0, &c[0].1, &c[1].0, &c[1].1, len, &shape, out)
+        };
+        attention_row("f16", len, f16_bytes, reps, &[f16.clone(), f16], f16_call, &mut out);
+        let i8_cache = (i8s, scales);
+        attention_row(
+            "i8",
+            len,
+            i8_bytes,
+            reps,
+            &[i8_cache.clone(), i8_cache],
+            i8_call,
+            &mut out,
+        );
+    }
+}
+
+/// One row of [`attention_table`]: `call` on copies of `cache` (keys and values) totalling more than
+/// `COLD_BYTES` (cold) and on one copy (hot).
+fn attention_row<C: Clone>(
+    name: &str,
+    len: usize,
+    bytes: usize,
+    reps: usize,
+    cache: &C,
+    call: impl Fn(&C, &mut [f32]),
+    out: &mut [f32],
+) {
+    let copies = COLD_BYTES.div_ceil(bytes).max(2);
+    let caches: Vec<C> = (0..copies).map(|_| cache.clone()).collect();
+    let mut next = 0;
+    let cold = median_secs(reps, |_| {
+        // One round visits every copy once; the figure is per call.
+        for _ in 0..copies {
+            next = (next + 1) % copies;
+            call(&caches[next], out);
+        }
+    }) / copies as f64;
+    let hot = median_secs(reps, |_| {
+        for _ in 0..50 {
+            call(&caches[0], out);
+        }
+    }) / 50.0;
+    println!(
+        "{name:>5} {len:>8} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+        cold * 1e6,
+        bytes as f64 / cold / 1e9,
+        hot * 1e6,
+        bytes as f64 / hot / 1e9
+    );
+}
+
+/// The linear layers deepseek-vl2-tiny reads for one decoded token, in q8_0_r16 and dispatched as the
+/// model does (q, k, v together; o alone; the 6 routed experts' and the shared experts' gate and up
+/// projections together, then their down projections; the LM head), each layer with its own weights,
+/// so that every call streams from memory. No attention, norms or routing: the figure is the weight
+/// stream alone, to compare with the whole model's decode rate (`dsvl2 bench`).
+fn decode_stream_table(reps: usize) {
+    let bw = memory_bandwidth();
+    let f = Format::Q8_0R16;
+    let m = |rows, cols| matrix(f, rows, cols);
+    struct Layer {
+        qkv: [PackedMatrix; 3],
+        o: PackedMatrix,
+        /// gate and up of each expert, then down of each.
+        up: Vec<PackedMatrix>,
+        down: Vec<PackedMatrix>,
+    }
+    let layers: Vec<Layer> = (0..12)
+        .map(|i| {
+            let (up, down) = if i == 0 {
+                (vec![m(6848, 1280), m(6848, 1280)], vec![m(1280, 6848)])
+            } else {
+                let mut up: Vec<PackedMatrix> = (0..12).map(|_| m(896, 1280)).collect();
+                up.extend([m(1792, 1280), m(1792, 1280)]);
+                let mut down: Vec<PackedMatrix> = (0..6).map(|_| m(1280, 896)).collect();
+                down.push(m(1280, 1792));
+                (up, down)
+            };
+            Layer {
+                qkv: [m(1280, 1280), m(1280, 1280), m(1280, 1280)],
+                o: m(1280, 1280),
+                up,
+                down,
             }
-        }) / copies as f64;
-        let hot = median_secs(reps, |_| {
-            for _ in 0..50 {
-                decode_attention(&q, &keys[0], &values[0], len, &shape, &mut out);
-            }
-        }) / 50.0;
+        })
+        .collect();
+    let lm_head = m(129280, 1280);
+    let bytes: usize = lm_head.storage_bytes()
+        + layers
+            .iter()
+            .flat_map(|l| l.qkv.iter().chain([&l.o]).chain(&l.up).chain(&l.down))
+            .map(PackedMatrix::storage_bytes)
+            .sum::<usize>();
+    println!(
+        "\n== tiny's decode weight stream, q8_0_r16, {:.1} MB per token (median of {reps} tokens; memory bandwidth {bw:.1} GB/s) ==",
+        bytes as f64 / 1e6
+    );
+    println!("{:>6} {:>12} {:>10} {:>10}", "batch", "ms/token", "GB/s", "of mem bw");
+    for batch in [1usize, 8] {
+        let x = data(batch * 6848, 1);
+        let run = |_| {
+            dsvl2_kernels::on_worker(|| {
+                let mut y = vec![0f32; batch * 129280];
+                for l in &layers {
+                    let mut outs: Vec<Vec<f32>> = (0..3).map(|_| vec![0f32; batch * 1280]).collect();
+                    let mut jobs: Vec<MatmulJob> = l
+                        .qkv
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .map(|(w, y)| MatmulJob {
+                            weight: w,
+                            x: &x[..batch * 1280],
+                            m: batch,
+                            y,
+                        })
+                        .collect();
+                    matmul_many(&mut jobs);
+                    l.o.matmul(&x[..batch * 1280], batch, &mut y[..batch * 1280]);
+                    for (ws, cols) in [(&l.up, 1280), (&l.down, 0)] {
+                        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; batch * w.rows()]).collect();
+                        let mut jobs: Vec<MatmulJob> = ws
+                            .iter()
+                            .zip(outs.iter_mut())
+                            .map(|(w, y)| {
+                                let cols = if cols == 0 { w.cols() } else { cols };
+                                MatmulJob {
+                                    weight: w,
+                                    x: &x[..batch * cols],
+                                    m: batch,
+                                    y,
+                                }
+                            })
+                            .collect();
+                        matmul_many(&mut jobs);
+                    }
+                }
+                lm_head.matmul(&x[..batch * 1280], batch, &mut y);
+                black_box(&y);
+            })
+        };
+        let t = median_secs(reps.max(9), run);
         println!(
-            "{len:>8} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-            cold * 1e6,
-            bytes as f64 / cold / 1e9,
-            hot * 1e6,
-            bytes as f64 / hot / 1e9
+            "{batch:>6} {:>12.2} {:>10.1} {:>10.2}",
+            t * 1e3,
+            bytes as f64 / t / 1e9,
+            bytes as f64 / t / 1e9 / bw
         );
     }
 }

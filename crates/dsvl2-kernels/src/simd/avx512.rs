@@ -309,7 +309,7 @@ unsafe fn r16_tile<const G: usize>(
     let mut acc = [_mm512_setzero_ps(); G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        prefetch(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
+        super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
         let mut even: [__m512i; G] = std::array::from_fn(|g| _mm512_set1_epi32(*xb[g].add(b)));
         let mut odd = [_mm512_setzero_si512(); G];

@@ -24,10 +24,30 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
     }
 }
 
+/// [`prefetch`] into L2 only (`prefetcht1`): the line does not take one of L1's few fill buffers
+/// while it comes from memory, so more lines are in flight at once. For the q8_0_r16 GEMV tiles
+/// (see [`R16_PREFETCH_AHEAD`]).
 #[cfg(target_arch = "x86_64")]
-/// How far ahead of its reads a q8_0_r16 GEMV tile prefetches (4 block columns, ~2 KiB; 2 and 8
-/// measured the same within noise). A group's rows are contiguous, so this runs on into the next group.
-pub(crate) const R16_PREFETCH_AHEAD: usize = 4 * crate::format::Q8_0R16_GROUP_BYTES;
+#[inline(always)]
+pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let mut offset = 0;
+    while offset < len {
+        // SAFETY: prefetching is a hint; it reads nothing architecturally and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(offset) as *const i8) };
+        offset += 64;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// How far ahead of its reads a q8_0_r16 GEMV tile prefetches into L2: 8 block columns, ~4 KiB. A
+/// group's rows are contiguous, so this runs on into the next group. Tiny's decode weight stream
+/// (`kernel_bench -- decode`, three interleaved rounds, Sapphire Rapids 2 vCPU), ms per token
+/// against `prefetcht0` 4 block columns ahead: batch 1 24.5-24.8 -> 23.6-24.1, batch 8 38.4-39.9
+/// -> 34.8-35.3; 16, 32 and 64 block columns ahead measured the same as 8, no prefetch at all
+/// 25.8-26.6 and 50-55, `prefetchnta` worse still. The AVX2 kernels (`DSVL2_KERNELS=avx2`) measured
+/// the same with either (two interleaved rounds).
+pub(crate) const R16_PREFETCH_AHEAD: usize = 8 * crate::format::Q8_0R16_GROUP_BYTES;
 
 /// The loops around the q8_0_r16 GEMV tiles: for each group of 16 weight rows in `w` (`nrows` rows of
 /// `acts.cols` values), `tile(group, first, out)` takes activation rows from `first` on (as many as

@@ -434,7 +434,7 @@ unsafe fn r16_tile<const G: usize>(
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        prefetch(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
+        super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
         let dw = [
             _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
             _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use dsvl2_config::ModelConfig;
+use dsvl2_model::sampling::argmax;
 use dsvl2_model::{check_context, DeepseekVl2, SequenceCache, Tensor};
 use dsvl2_processor::Conversation;
 use serde::Serialize;
@@ -271,17 +272,6 @@ fn decode_batch(
     Ok((timed_steps * batch) as f64 / timed_from.elapsed().as_secs_f64().max(1e-9))
 }
 
-/// Index of the largest value (NaN never wins; the first of equal values).
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] || values[best].is_nan() {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn argmax_rows(logits: &Tensor) -> anyhow::Result<Vec<u32>> {
     Ok(logits.to_vec2::<f32>()?.iter().map(|row| argmax(row)).collect())
 }
@@ -513,11 +503,5 @@ mod tests {
         let flops = work.prefill_flops(10);
         let attn = 3.0 * 2.0 * 4.0 * 32.0 * 55.0;
         assert!((flops - (2.0 * expected as f64 * 10.0 + attn + 2.0 * 3008.0 * 64.0)).abs() < 1.0);
-    }
-
-    #[test]
-    fn argmax_ignores_nan() {
-        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0, -1.0]), 2);
-        assert_eq!(argmax(&[0.5]), 0);
     }
 }
