@@ -778,12 +778,13 @@ fn f16_cache_values_widen_exactly() {
     }
 }
 
-#[test]
-fn decode_attention_reads_f16_caches() {
-    // Head widths that exercise every part of the explicit SIMD dot products: 128 (tiny's heads:
-    // the four-accumulator loop), 24 (single vectors and, with 16 lanes, a scalar tail), 19 (tails).
-    for (heads, kv_heads, dim) in [(4, 2, 24), (4, 4, 128), (3, 1, 19)] {
-        let shape = AttentionShape {
+/// Head layouts for the cache-format tests, with grouped queries: widths 128 (tiny's heads: the
+/// four-accumulator loop of the explicit SIMD dot products), 24 (single vectors and, with 16 lanes,
+/// a scalar tail) and 19 (tails only).
+fn cache_test_shapes() -> impl Iterator<Item = AttentionShape> {
+    [(4, 2, 24), (4, 4, 128), (3, 1, 19)]
+        .into_iter()
+        .map(|(heads, kv_heads, dim)| AttentionShape {
             heads,
             kv_heads,
             key_dim: dim,
@@ -791,7 +792,23 @@ fn decode_attention_reads_f16_caches() {
             key_stride: kv_heads * dim,
             value_stride: kv_heads * dim,
             scale: 0.2,
-        };
+        })
+}
+
+/// Every output within `1e-5` of the largest reference output (at least 1). Measured worst: f16
+/// caches 4.1e-8 (their values are exact in f16 and in the reference), i8 caches 1.8e-6 (the kernel
+/// applies the scales to the scores, the reference to the values); the margin covers other CPUs'
+/// summation orders.
+fn assert_matches_reference(out: &[f32], want: &[f64], what: &str) {
+    let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+    for (i, (&g, &w)) in out.iter().zip(want).enumerate() {
+        assert!((g as f64 - w).abs() <= 1e-5 * scale, "{what} [{i}]: {g} vs {w}");
+    }
+}
+
+#[test]
+fn decode_attention_reads_f16_caches() {
+    for shape in cache_test_shapes() {
         let len = 300;
         let q = test_data(shape.heads * shape.key_dim, 1);
         let round = |v: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
@@ -802,37 +819,18 @@ fn decode_attention_reads_f16_caches() {
         let (keys16, keys) = round(test_data(len * shape.key_stride, 2));
         let (values16, values) = round(test_data(len * shape.value_stride, 3));
         let want = attention_reference(&q, &keys, &values, len, &shape);
-        let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
         for isa in isas() {
             let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
             decode_attention_isa(isa, &q, &keys16, &values16, None, len, &shape, &mut out);
-            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-                // Tolerance 1e-5: measured worst 4.1e-8 (the cache values are exact in f16 and in the
-                // reference); the margin covers other CPUs' summation orders.
-                assert!(
-                    (g as f64 - w).abs() <= 1e-5 * scale,
-                    "{isa:?} {shape:?} [{i}]: {g} vs {w}"
-                );
-            }
+            assert_matches_reference(&out, &want, &format!("{isa:?} {shape:?}"));
         }
     }
 }
 
 #[test]
 fn decode_attention_reads_i8_caches() {
-    // As for f16: head widths for the four-accumulator loop (128), single vectors with a tail (24),
-    // and tails only (19); grouped queries read each key head's own scales.
-    for (heads, kv_heads, dim) in [(4, 2, 24), (4, 4, 128), (3, 1, 19)] {
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            key_dim: dim,
-            value_dim: dim,
-            key_stride: kv_heads * dim,
-            value_stride: kv_heads * dim,
-            scale: 0.2,
-        };
-        let len = 300;
+    for shape in cache_test_shapes() {
+        let (kv_heads, dim, len) = (shape.kv_heads, shape.key_dim, 300);
         let q = test_data(shape.heads * shape.key_dim, 1);
         // Rows with magnitudes that differ by position and head, so a scale read for the wrong
         // position or head shows.
@@ -860,8 +858,8 @@ fn decode_attention_reads_i8_caches() {
         };
         let (keys8, key_scales, keys) = quantize(2);
         let (values8, value_scales, values) = quantize(3);
+        // Against the dequantized cache, so only f32 rounding remains.
         let want = attention_reference(&q, &keys, &values, len, &shape);
-        let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
         let scales = crate::attention::RowScales {
             keys: &key_scales,
             values: &value_scales,
@@ -869,15 +867,7 @@ fn decode_attention_reads_i8_caches() {
         for isa in isas() {
             let mut out = vec![f32::NAN; shape.heads * shape.value_dim];
             decode_attention_isa(isa, &q, &keys8, &values8, Some(scales), len, &shape, &mut out);
-            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-                // Against the dequantized cache, so only f32 rounding remains (the kernel applies the
-                // scales to the scores, the reference to the values). Tolerance 1e-5: measured worst
-                // 1.8e-6 of the largest output, every kernel set; the margin covers other CPUs' orders.
-                assert!(
-                    (g as f64 - w).abs() <= 1e-5 * scale,
-                    "{isa:?} {shape:?} [{i}]: {g} vs {w}"
-                );
-            }
+            assert_matches_reference(&out, &want, &format!("{isa:?} {shape:?}"));
         }
     }
 }

@@ -15,13 +15,7 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let mut offset = 0;
-    while offset < len {
-        // SAFETY: prefetching is a hint; it reads nothing architecturally and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset) as *const i8) };
-        offset += 64;
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(p, len)
 }
 
 /// [`prefetch`] into L2 only (`prefetcht1`): the line does not take one of L1's few fill buffers
@@ -30,11 +24,17 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }>(p, len)
+}
+
+/// One `prefetch` with `HINT` per cache line of `[p, p + len)`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
     let mut offset = 0;
     while offset < len {
         // SAFETY: prefetching is a hint; it reads nothing architecturally and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(offset) as *const i8) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(offset) as *const i8) };
         offset += 64;
     }
 }
