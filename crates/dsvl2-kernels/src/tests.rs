@@ -828,6 +828,16 @@ fn decode_attention_reads_f16_caches() {
 }
 
 #[test]
+fn i8_rows_round_to_nearest() {
+    let x = [1.0, -0.5, 0.25, -1.0, 0.0, 0.0, 0.0, 0.0, 3.0, -6.0, 1e-3, 6.0];
+    let (mut q, mut scales) = ([0i8; 12], [0f32; 3]);
+    crate::quantize_i8_rows(&x, 4, &mut q, &mut scales);
+    // -0.5 · 127 = -63.5 is a tie (to even: -64); 0.25 · 127 = 31.75; an all-zero row has scale 0.
+    assert_eq!(q, [127, -64, 32, -127, 0, 0, 0, 0, 64, -127, 0, 127]);
+    assert_eq!(scales, [1.0 / 127.0, 0.0, 6.0 / 127.0]);
+}
+
+#[test]
 fn decode_attention_reads_i8_caches() {
     for shape in cache_test_shapes() {
         let (kv_heads, dim, len) = (shape.kv_heads, shape.key_dim, 300);
