@@ -139,6 +139,45 @@ pub(crate) fn decode_attention_isa<T: CacheValue>(
     s: &AttentionShape,
     out: &mut [f32],
 ) {
+    let mut one = [DecodeAttention {
+        q,
+        keys,
+        values,
+        scales: scales.map(|r| (r.keys, r.values)),
+        len,
+        out,
+    }];
+    decode_attention_batch_isa(isa, &mut one, s)
+}
+
+/// One sequence of a [`decode_attention_batch`]: its query row per head, its cache and its output
+/// (as the arguments of [`decode_attention`], or of [`decode_attention_i8`] with `scales`).
+pub struct DecodeAttention<'a, T> {
+    pub q: &'a [f32],
+    pub keys: &'a [T],
+    pub values: &'a [T],
+    /// An i8 cache's key and value scales, one per position and key/value head.
+    pub scales: Option<(&'a [f32], &'a [f32])>,
+    pub len: usize,
+    pub out: &'a mut [f32],
+}
+
+/// [`decode_attention`] for several sequences of the same shape (a decoding batch) in one parallel
+/// dispatch: the tasks are (sequence, range of positions) pairs, so the caches stream back to back
+/// without a fork/join per sequence. Each output is bit for bit what [`decode_attention`] (or
+/// [`decode_attention_i8`]) gives for that sequence alone: the same tasks, merged in the same order.
+///
+/// # Panics
+/// As [`decode_attention`] and [`decode_attention_i8`], for any sequence.
+pub fn decode_attention_batch<T: CacheValue>(calls: &mut [DecodeAttention<T>], shape: &AttentionShape) {
+    decode_attention_batch_isa(Isa::detect(), calls, shape)
+}
+
+pub(crate) fn decode_attention_batch_isa<T: CacheValue>(
+    isa: Isa,
+    calls: &mut [DecodeAttention<T>],
+    s: &AttentionShape,
+) {
     assert!(
         s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "{} query heads cannot share {} key/value heads",
@@ -146,38 +185,60 @@ pub(crate) fn decode_attention_isa<T: CacheValue>(
         s.kv_heads
     );
     assert!(s.key_stride >= s.kv_heads * s.key_dim && s.value_stride >= s.kv_heads * s.value_dim);
-    assert_eq!(q.len(), s.heads * s.key_dim, "one query row per head");
-    assert_eq!(out.len(), s.heads * s.value_dim, "one output row per head");
+    for c in calls.iter() {
+        check_call(c, s);
+    }
+    // Enough tasks per sequence to balance the threads, each reading at least ~64 KiB of cache.
+    let row_bytes = std::mem::size_of::<T>() * (s.kv_heads * (s.key_dim + s.value_dim));
+    let min_rows = (64 * 1024 / row_bytes.max(1)).max(1);
+    let threads = rayon::current_num_threads().max(1);
+    let mut tasks = Vec::new();
+    for (i, c) in calls.iter().enumerate() {
+        let chunk = c.len.div_ceil(4 * threads).max(min_rows);
+        tasks.extend((0..c.len.div_ceil(chunk)).map(|k| (i, k * chunk..((k + 1) * chunk).min(c.len))));
+    }
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .map(|(i, positions)| {
+            let c = &calls[*i];
+            let scales = c.scales.map(|(keys, values)| RowScales { keys, values });
+            isa.attend_positions(c.q, c.keys, c.values, scales, positions.clone(), s)
+        })
+        .collect();
+    let mut first = 0;
+    for (i, c) in calls.iter_mut().enumerate() {
+        let n = tasks[first..].iter().take_while(|(j, _)| *j == i).count();
+        if n == 0 {
+            c.out.fill(0.0);
+        } else {
+            merge(&partials[first..first + n], s, c.out);
+        }
+        first += n;
+    }
+}
+
+/// The checks of one [`DecodeAttention`] against `s`.
+fn check_call<T>(c: &DecodeAttention<T>, s: &AttentionShape) {
+    let len = c.len;
+    assert_eq!(c.q.len(), s.heads * s.key_dim, "one query row per head");
+    assert_eq!(c.out.len(), s.heads * s.value_dim, "one output row per head");
     if len == 0 {
-        out.fill(0.0);
         return;
     }
     assert!(
-        keys.len() >= (len - 1) * s.key_stride + s.kv_heads * s.key_dim,
+        c.keys.len() >= (len - 1) * s.key_stride + s.kv_heads * s.key_dim,
         "keys shorter than {len} positions"
     );
     assert!(
-        values.len() >= (len - 1) * s.value_stride + s.kv_heads * s.value_dim,
+        c.values.len() >= (len - 1) * s.value_stride + s.kv_heads * s.value_dim,
         "values shorter than {len} positions"
     );
-    if let Some(scales) = scales {
+    if let Some((keys, values)) = c.scales {
         assert!(
-            scales.keys.len() >= len * s.kv_heads && scales.values.len() >= len * s.kv_heads,
+            keys.len() >= len * s.kv_heads && values.len() >= len * s.kv_heads,
             "fewer than {len} positions of scales"
         );
     }
-    // Enough tasks to balance the threads, each reading at least ~64 KiB of cache.
-    let row_bytes = std::mem::size_of::<T>() * (s.kv_heads * (s.key_dim + s.value_dim));
-    let min_rows = (64 * 1024 / row_bytes.max(1)).max(1);
-    let chunk = len.div_ceil(4 * rayon::current_num_threads().max(1)).max(min_rows);
-    let partials: Vec<Partial> = (0..len.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let positions = c * chunk..((c + 1) * chunk).min(len);
-            isa.attend_positions(q, keys, values, scales, positions, s)
-        })
-        .collect();
-    merge(&partials, s, out);
 }
 
 /// The exact softmax over all positions from the tasks' partial ones.

@@ -28,8 +28,8 @@ mod simd;
 mod tests;
 
 pub use attention::{
-    decode_attention, decode_attention_i8, prefill_attention, quantize_i8_rows, AttentionShape, CacheValue, HeadRows,
-    PrefillShape,
+    decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, quantize_i8_rows, AttentionShape,
+    CacheValue, DecodeAttention, HeadRows, PrefillShape,
 };
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};

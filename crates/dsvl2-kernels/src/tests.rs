@@ -827,6 +827,83 @@ fn decode_attention_reads_f16_caches() {
     }
 }
 
+/// A batch's outputs are each sequence's alone, bit for bit, for every cache kind and an empty cache.
+#[test]
+fn decode_attention_batch_matches_single_sequences() {
+    let shape = cache_test_shapes().nth(1).expect("the 128-wide layout");
+    let lens = [0usize, 1, 37, 700];
+    let row = shape.kv_heads * shape.key_dim;
+    let queries: Vec<Vec<f32>> = (0..lens.len())
+        .map(|i| test_data(shape.heads * shape.key_dim, 90 + i as u64))
+        .collect();
+    let floats: Vec<Vec<f32>> = lens.iter().map(|&l| test_data(l.max(1) * row, 95 + l as u64)).collect();
+    let halves: Vec<Vec<f16>> = floats
+        .iter()
+        .map(|v| v.iter().map(|&x| f16::from_f32(x)).collect())
+        .collect();
+    let bytes: Vec<(Vec<i8>, Vec<f32>)> = floats
+        .iter()
+        .map(|v| {
+            let (mut q, mut s) = (vec![0i8; v.len()], vec![0f32; v.len() / shape.key_dim]);
+            crate::quantize_i8_rows(v, shape.key_dim, &mut q, &mut s);
+            (q, s)
+        })
+        .collect();
+    for isa in isas() {
+        fn run<T: crate::CacheValue>(
+            isa: Isa,
+            shape: &AttentionShape,
+            queries: &[Vec<f32>],
+            caches: &[&[T]],
+            scales: &[Option<(&[f32], &[f32])>],
+            lens: &[usize],
+        ) {
+            let width = shape.heads * shape.value_dim;
+            let mut batched = vec![f32::NAN; lens.len() * width];
+            let mut calls: Vec<crate::DecodeAttention<T>> = batched
+                .chunks_exact_mut(width)
+                .enumerate()
+                .map(|(i, out)| crate::DecodeAttention {
+                    q: &queries[i],
+                    keys: caches[i],
+                    values: caches[i],
+                    scales: scales[i],
+                    len: lens[i],
+                    out,
+                })
+                .collect();
+            crate::attention::decode_attention_batch_isa(isa, &mut calls, shape);
+            for (i, got) in batched.chunks_exact(width).enumerate() {
+                let mut alone = vec![f32::NAN; width];
+                let row_scales = scales[i].map(|(keys, values)| crate::attention::RowScales { keys, values });
+                decode_attention_isa(
+                    isa,
+                    &queries[i],
+                    caches[i],
+                    caches[i],
+                    row_scales,
+                    lens[i],
+                    shape,
+                    &mut alone,
+                );
+                assert!(
+                    got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} sequence {i} (len {})",
+                    lens[i]
+                );
+            }
+        }
+        let none = vec![None; lens.len()];
+        let f32s: Vec<&[f32]> = floats.iter().map(Vec::as_slice).collect();
+        run(isa, &shape, &queries, &f32s, &none, &lens);
+        let f16s: Vec<&[f16]> = halves.iter().map(Vec::as_slice).collect();
+        run(isa, &shape, &queries, &f16s, &none, &lens);
+        let i8s: Vec<&[i8]> = bytes.iter().map(|(q, _)| q.as_slice()).collect();
+        let i8_scales: Vec<Option<(&[f32], &[f32])>> = bytes.iter().map(|(_, s)| Some((&s[..], &s[..]))).collect();
+        run(isa, &shape, &queries, &i8s, &i8_scales, &lens);
+    }
+}
+
 #[test]
 fn i8_rows_round_to_nearest() {
     let x = [1.0, -0.5, 0.25, -1.0, 0.0, 0.0, 0.0, 0.0, 3.0, -6.0, 1e-3, 6.0];

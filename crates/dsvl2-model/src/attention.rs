@@ -9,12 +9,15 @@ use candle_core::{DType, Tensor, D};
 use dsvl2_config::LanguageConfig;
 
 use crate::cache::{CacheFormat, GrowingTensor, HeadCache, HeadRowsView, LayerCache};
-use crate::linear::{f32_rows, forward_many, with_cpu_slice, with_f32_slice, Linear};
+use crate::linear::{f32_rows, forward_many, with_cpu_slice, with_cpu_slices, with_f32_slice, Linear};
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
-use dsvl2_kernels::{decode_attention, decode_attention_i8, prefill_attention, AttentionShape, HeadRows, PrefillShape};
+use dsvl2_kernels::{
+    decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, AttentionShape, DecodeAttention,
+    HeadRows, PrefillShape,
+};
 
 /// What every layer's attention needs for one forward call.
 pub struct AttentionInput<'a> {
@@ -203,6 +206,10 @@ impl Mha {
         let q = q.squeeze(0)?; // [h, t, hd]
         let k = k.squeeze(0)?.transpose(0, 1)?; // [t, kv, hd]
         let v = Tensor::from_vec(v, (t, kv, hd), device)?;
+        if segments.len() > 1 && segments.iter().all(|s| s.rows == 1) {
+            let out = self.attend_batch(&q, &k, &v, segments)?;
+            return self.o.forward(&out);
+        }
         let out = per_segment(segments, 0, |segment, start| {
             let LayerCache::Mha { keys, values } = &mut *segment.cache else {
                 candle_core::bail!("attention kind and cache kind differ");
@@ -273,14 +280,96 @@ impl Mha {
 }
 
 impl Mha {
-    /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place by
-    /// the kernels' decode attention, which splits the positions (not the heads) over the threads,
-    /// so the cache streams through once. Returns `[1, h*hd]`.
-    fn attend_one(&self, q: &Tensor, k_all: &HeadRowsView, v_all: &HeadRowsView) -> candle_core::Result<Tensor> {
-        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+    /// A decoding batch, one row per sequence: `q` `[h, t, hd]`, rotated `k` and `v` `[t, kv, hd]`.
+    /// Appends each row to its sequence's cache, then attends over all the caches in one parallel
+    /// dispatch (`decode_attention_batch`; per sequence, the same result as [`Self::attend_one`]).
+    /// Returns `[t, h*hd]`.
+    fn attend_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        segments: &mut [Segment],
+    ) -> candle_core::Result<Tensor> {
+        let (h, hd, t) = (self.heads, self.head_dim, segments.len());
+        let mut views = Vec::with_capacity(t);
+        for (i, segment) in segments.iter_mut().enumerate() {
+            let LayerCache::Mha { keys, values } = &mut *segment.cache else {
+                candle_core::bail!("attention kind and cache kind differ");
+            };
+            views.push((keys.append(&k.narrow(0, i, 1)?)?, values.append(&v.narrow(0, i, 1)?)?));
+        }
         let device = q.device().clone();
-        let q = f32_rows(q)?;
-        let shape = AttentionShape {
+        let queries = f32_rows(&q.transpose(0, 1)?)?; // [t, h, hd]
+        let shape = self.decode_shape();
+        let mut out = vec![0f32; t * h * hd];
+        let lens = views
+            .iter()
+            .map(|(k, _)| k.len())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let floats: Option<Vec<&Tensor>> = views
+            .iter()
+            .flat_map(|(k, v)| [k, v])
+            .map(|view| match view {
+                HeadRowsView::Float(t) => Some(t),
+                HeadRowsView::I8 { .. } => None,
+            })
+            .collect();
+        let no_scales = vec![None; t];
+        match floats {
+            Some(tensors) if tensors.iter().all(|x| x.dtype() == DType::F16) => {
+                with_cpu_slices::<half::f16, _>(&tensors, |caches| {
+                    decode_batch(&queries, caches, &no_scales, &lens, &shape, &mut out)
+                })?
+            }
+            Some(tensors) if tensors.iter().all(|x| x.dtype() == DType::F32) => {
+                with_cpu_slices::<f32, _>(&tensors, |caches| {
+                    decode_batch(&queries, caches, &no_scales, &lens, &shape, &mut out)
+                })?
+            }
+            _ => {
+                let i8s: Option<Vec<[&Tensor; 4]>> = views
+                    .iter()
+                    .map(|views| match views {
+                        (HeadRowsView::I8 { values: k8, scales: ks }, HeadRowsView::I8 { values: v8, scales: vs }) => {
+                            Some([k8, v8, ks, vs])
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let Some(i8s) = i8s else {
+                    // Caches of different formats in one batch: one sequence at a time.
+                    let outs = views
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (k_all, v_all))| self.attend_one(&q.narrow(1, i, 1)?, k_all, v_all))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    return Tensor::cat(&outs, 0);
+                };
+                let rows: Vec<&Tensor> = i8s.iter().flat_map(|[k8, v8, _, _]| [*k8, *v8]).collect();
+                let scales: Vec<&Tensor> = i8s.iter().flat_map(|[_, _, ks, vs]| [*ks, *vs]).collect();
+                with_cpu_slices::<u8, _>(&rows, |bits| {
+                    with_cpu_slices::<f32, _>(&scales, |scales| {
+                        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern
+                        // is valid in both.
+                        let caches: Vec<&[i8]> = bits
+                            .iter()
+                            .map(|b| unsafe { std::slice::from_raw_parts(b.as_ptr() as *const i8, b.len()) })
+                            .collect();
+                        let scales: Vec<Option<(&[f32], &[f32])>> =
+                            scales.chunks_exact(2).map(|s| Some((s[0], s[1]))).collect();
+                        decode_batch(&queries, &caches, &scales, &lens, &shape, &mut out)
+                    })
+                })??
+            }
+        }
+        Tensor::from_vec(out, (t, h * hd), &device)
+    }
+
+    /// The shape of this layer's decode attention over its cache.
+    fn decode_shape(&self) -> AttentionShape {
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        AttentionShape {
             heads: h,
             kv_heads: kv,
             key_dim: hd,
@@ -288,7 +377,17 @@ impl Mha {
             key_stride: kv * hd,
             value_stride: kv * hd,
             scale: 1.0 / (hd as f32).sqrt(),
-        };
+        }
+    }
+
+    /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place by
+    /// the kernels' decode attention, which splits the positions (not the heads) over the threads,
+    /// so the cache streams through once. Returns `[1, h*hd]`.
+    fn attend_one(&self, q: &Tensor, k_all: &HeadRowsView, v_all: &HeadRowsView) -> candle_core::Result<Tensor> {
+        let (h, hd) = (self.heads, self.head_dim);
+        let device = q.device().clone();
+        let q = f32_rows(q)?;
+        let shape = self.decode_shape();
         let mut out = vec![0f32; h * hd];
         let len = k_all.len()?;
         match (k_all, v_all) {
@@ -319,6 +418,32 @@ impl Mha {
         }
         Tensor::from_vec(out, (1, h * hd), &device)
     }
+}
+
+/// `decode_attention_batch` for sequences `i`: the query row `i` of `queries`, keys `caches[2i]`,
+/// values `caches[2i + 1]`, `scales[i]` (i8 caches) and `lens[i]` positions, into row `i` of `out`.
+fn decode_batch<T: dsvl2_kernels::CacheValue>(
+    queries: &[f32],
+    caches: &[&[T]],
+    scales: &[Option<(&[f32], &[f32])>],
+    lens: &[usize],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
+    let (q_width, out_width) = (shape.heads * shape.key_dim, shape.heads * shape.value_dim);
+    let mut calls: Vec<DecodeAttention<T>> = out
+        .chunks_exact_mut(out_width)
+        .enumerate()
+        .map(|(i, out)| DecodeAttention {
+            q: &queries[i * q_width..(i + 1) * q_width],
+            keys: caches[2 * i],
+            values: caches[2 * i + 1],
+            scales: scales[i],
+            len: lens[i],
+            out,
+        })
+        .collect();
+    decode_attention_batch(&mut calls, shape);
 }
 
 /// Runs `f` on an i8 cache's values (held as their u8 bit patterns).

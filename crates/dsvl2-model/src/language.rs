@@ -224,7 +224,8 @@ impl LanguageModel {
     /// One decode step for B sequences at once: row b of `embeds` (`[B, hidden]`) is the next
     /// token of the sequence `caches[b]`, at position `caches[b].len()`. Returns the final-norm
     /// hidden states `[B, hidden]`. The linear layers, norms and MoE experts run once on the whole
-    /// batch (each weight is read once per step); attention runs per sequence over its own cache.
+    /// batch (each weight is read once per step); attention reads each sequence's own cache (all of
+    /// them in one parallel dispatch).
     /// Row b equals what [`Self::forward`] gives for that sequence alone, up to float summation
     /// order in the batched matmuls.
     pub fn decode_batch(&self, embeds: &Tensor, caches: &mut [&mut SequenceCache]) -> Result<Tensor, ModelError> {

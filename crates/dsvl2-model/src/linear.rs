@@ -131,6 +131,29 @@ pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
     }
 }
 
+/// [`with_cpu_slice`] for several tensors at once, borrowed together: each must be a contiguous
+/// CPU tensor of dtype `T` (no copies are made).
+pub(crate) fn with_cpu_slices<T: candle_core::WithDType, R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> candle_core::Result<R> {
+    if let Some(t) = tensors.iter().find(|t| !t.is_contiguous()) {
+        candle_core::bail!("with_cpu_slices: a {:?} tensor is not contiguous", t.dims());
+    }
+    let guards: Vec<_> = tensors
+        .iter()
+        .map(|t| (t.storage_and_layout(), t.elem_count()))
+        .collect();
+    let slices = guards
+        .iter()
+        .map(|((storage, layout), n)| match &**storage {
+            candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[layout.start_offset()..][..*n]),
+            _ => candle_core::bail!("dsvl2's kernels run on the CPU"),
+        })
+        .collect::<candle_core::Result<Vec<&[T]>>>()?;
+    Ok(f(&slices))
+}
+
 /// The values of `x` as row-major f32 (a copy).
 pub(crate) fn f32_rows(x: &Tensor) -> candle_core::Result<Vec<f32>> {
     with_f32_slice(x, <[f32]>::to_vec)

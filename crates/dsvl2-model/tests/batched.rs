@@ -253,6 +253,38 @@ fn base_like_batched_matches_alone() {
     run_variant("base-like");
 }
 
+/// Caches of different formats in one batch (the format is chosen when a cache is made) are each
+/// attended over as they would be alone.
+#[test]
+fn caches_of_different_formats_batch_together() {
+    use dsvl2_model::CacheFormat;
+    let mut model = load_model(&fixtures(), "tiny-like");
+    let prompts = [
+        text_embeds(&model, 5, 11),
+        text_embeds(&model, 37, 2024),
+        text_embeds(&model, 9, 7),
+    ];
+    let formats = [CacheFormat::F32, CacheFormat::I8, CacheFormat::F16];
+    let mut caches: Vec<SequenceCache> = Vec::new();
+    let mut alone: Vec<SequenceCache> = Vec::new();
+    for (prompt, format) in prompts.iter().zip(formats) {
+        model.set_cache_format(format);
+        for copies in [&mut caches, &mut alone] {
+            let mut cache = model.new_cache();
+            model.forward_embeds(prompt, &mut cache, None).unwrap();
+            copies.push(cache);
+        }
+    }
+    let tokens = [3u32, 1000, 42];
+    let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+    let batched = model.step_batch(&tokens, &mut refs).unwrap();
+    for (i, cache) in alone.iter_mut().enumerate() {
+        let logits = model.step(tokens[i], cache).unwrap();
+        let d = max_abs_diff(&batched.get(i).unwrap(), &logits);
+        assert!(d <= TOL_LOGITS, "sequence {i} ({}): {d}", formats[i]);
+    }
+}
+
 #[test]
 fn bad_batches_are_errors_and_leave_caches_alone() {
     let model = load_model(&fixtures(), "small-like");
