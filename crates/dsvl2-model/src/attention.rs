@@ -350,12 +350,7 @@ impl Mha {
                 let scales: Vec<&Tensor> = i8s.iter().flat_map(|[_, _, ks, vs]| [*ks, *vs]).collect();
                 with_cpu_slices::<u8, _>(&rows, |bits| {
                     with_cpu_slices::<f32, _>(&scales, |scales| {
-                        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern
-                        // is valid in both.
-                        let caches: Vec<&[i8]> = bits
-                            .iter()
-                            .map(|b| unsafe { std::slice::from_raw_parts(b.as_ptr() as *const i8, b.len()) })
-                            .collect();
+                        let caches: Vec<&[i8]> = bits.iter().map(|b| bits_as_i8(b)).collect();
                         let scales: Vec<Option<(&[f32], &[f32])>> =
                             scales.chunks_exact(2).map(|s| Some((s[0], s[1]))).collect();
                         decode_batch(&queries, &caches, &scales, &lens, &shape, &mut out)
@@ -448,10 +443,13 @@ fn decode_batch<T: dsvl2_kernels::CacheValue>(
 
 /// Runs `f` on an i8 cache's values (held as their u8 bit patterns).
 fn with_i8_slice<R>(x: &Tensor, f: impl FnOnce(&[i8]) -> R) -> candle_core::Result<R> {
-    with_cpu_slice::<u8, _>(x, |bits| {
-        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid in both.
-        f(unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const i8, bits.len()) })
-    })
+    with_cpu_slice::<u8, _>(x, |bits| f(bits_as_i8(bits)))
+}
+
+/// An i8 cache's u8 bit patterns as the i8 values they are.
+fn bits_as_i8(bits: &[u8]) -> &[i8] {
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid in both.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const i8, bits.len()) }
 }
 
 enum QueryProjection {
