@@ -89,17 +89,17 @@ fn q8_0_gguf_answers_like_the_folder_loaded_as_q8_0() {
     assert_ok(&quantize(&model("tiny-like"), "q8_0", &gguf), "quantize q8_0");
     let safetensors = fixtures().join("models/tiny-like/model.safetensors");
     assert!(std::fs::metadata(&gguf).unwrap().len() < std::fs::metadata(safetensors).unwrap().len() * 2 / 3);
-    // The language model's linear weights in the interleaved layout, the projector's plain (the
-    // vision tower's are f16 here: 48 columns are no whole q8_0 block).
+    // The language model's and the projector's linear weights in the interleaved layout (the vision
+    // tower's are f16 here: 48 columns are no whole q8_0 block).
     let file = dsvl2_config::gguf::GgufFile::open(&gguf).unwrap();
     let type_of = |name: &str| file.tensors.iter().find(|t| t.name == name).unwrap().ggml_type;
-    use dsvl2_config::gguf::ggml_type::{DSVL2_Q8_0_R16, Q8_0};
+    use dsvl2_config::gguf::ggml_type::DSVL2_Q8_0_R16;
     assert_eq!(
         type_of("language.model.layers.1.mlp.experts.0.up_proj.weight"),
         DSVL2_Q8_0_R16
     );
     assert_eq!(type_of("language.lm_head.weight"), DSVL2_Q8_0_R16);
-    assert_eq!(type_of("projector.layers.0.weight"), Q8_0);
+    assert_eq!(type_of("projector.layers.0.weight"), DSVL2_Q8_0_R16);
     let from_gguf = greedy(gguf.to_str().unwrap(), &[]);
     assert_eq!(from_gguf.0.len(), 8);
     let from_folder = greedy(&model("tiny-like"), &["--dtype", "q8_0"]);
