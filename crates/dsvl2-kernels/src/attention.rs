@@ -123,9 +123,9 @@ fn round_small(x: f32) -> f32 {
 
 /// The per-position, per-head scales of an 8-bit cache (see [`decode_attention_i8`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RowScales<'a> {
-    pub(crate) keys: &'a [f32],
-    pub(crate) values: &'a [f32],
+pub struct RowScales<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,7 +143,7 @@ pub(crate) fn decode_attention_isa<T: CacheValue>(
         q,
         keys,
         values,
-        scales: scales.map(|r| (r.keys, r.values)),
+        scales,
         len,
         out,
     }];
@@ -157,7 +157,7 @@ pub struct DecodeAttention<'a, T> {
     pub keys: &'a [T],
     pub values: &'a [T],
     /// An i8 cache's key and value scales, one per position and key/value head.
-    pub scales: Option<(&'a [f32], &'a [f32])>,
+    pub scales: Option<RowScales<'a>>,
     pub len: usize,
     pub out: &'a mut [f32],
 }
@@ -201,8 +201,7 @@ pub(crate) fn decode_attention_batch_isa<T: CacheValue>(
         .par_iter()
         .map(|(i, positions)| {
             let c = &calls[*i];
-            let scales = c.scales.map(|(keys, values)| RowScales { keys, values });
-            isa.attend_positions(c.q, c.keys, c.values, scales, positions.clone(), s)
+            isa.attend_positions(c.q, c.keys, c.values, c.scales, positions.clone(), s)
         })
         .collect();
     let mut first = 0;
@@ -233,9 +232,9 @@ fn check_call<T>(c: &DecodeAttention<T>, s: &AttentionShape) {
         c.values.len() >= (len - 1) * s.value_stride + s.kv_heads * s.value_dim,
         "values shorter than {len} positions"
     );
-    if let Some((keys, values)) = c.scales {
+    if let Some(scales) = c.scales {
         assert!(
-            keys.len() >= len * s.kv_heads && values.len() >= len * s.kv_heads,
+            scales.keys.len() >= len * s.kv_heads && scales.values.len() >= len * s.kv_heads,
             "fewer than {len} positions of scales"
         );
     }
@@ -287,6 +286,32 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[Self]; 4]);
 }
 
+/// A [`CacheValue`]'s `simd_dot` and `simd_axpy4`: the explicit kernels of its type (`attention_kernels!`
+/// in `simd/mod.rs`), AVX-512 for 16 lanes, AVX2 for 8.
+macro_rules! simd_kernels {
+    ($t:ty, $dot:ident, $axpy4:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[$t]) -> f32 {
+            if L == 16 {
+                crate::simd::avx512::$dot(q, k)
+            } else {
+                crate::simd::x86::$dot(q, k)
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
+            if L == 16 {
+                crate::simd::avx512::$axpy4(acc, p, v)
+            } else {
+                crate::simd::x86::$axpy4(acc, p, v)
+            }
+        }
+    };
+}
+
 impl CacheValue for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
@@ -298,25 +323,7 @@ impl CacheValue for f32 {
         src
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[f32]) -> f32 {
-        if L == 16 {
-            crate::simd::avx512::dot_f32(q, k)
-        } else {
-            crate::simd::x86::dot_f32(q, k)
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[f32]; 4]) {
-        if L == 16 {
-            crate::simd::avx512::axpy4_f32(acc, p, v)
-        } else {
-            crate::simd::x86::axpy4_f32(acc, p, v)
-        }
-    }
+    simd_kernels!(f32, dot_f32, axpy4_f32);
 }
 
 impl CacheValue for half::f16 {
@@ -354,25 +361,7 @@ impl CacheValue for half::f16 {
         buf
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[half::f16]) -> f32 {
-        if L == 16 {
-            crate::simd::avx512::dot_f16(q, k)
-        } else {
-            crate::simd::x86::dot_f16(q, k)
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[half::f16]; 4]) {
-        if L == 16 {
-            crate::simd::avx512::axpy4_f16(acc, p, v)
-        } else {
-            crate::simd::x86::axpy4_f16(acc, p, v)
-        }
-    }
+    simd_kernels!(half::f16, dot_f16, axpy4_f16);
 }
 
 impl CacheValue for i8 {
@@ -388,25 +377,7 @@ impl CacheValue for i8 {
         buf
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[i8]) -> f32 {
-        if L == 16 {
-            crate::simd::avx512::dot_i8(q, k)
-        } else {
-            crate::simd::x86::dot_i8(q, k)
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[i8]; 4]) {
-        if L == 16 {
-            crate::simd::avx512::axpy4_i8(acc, p, v)
-        } else {
-            crate::simd::x86::axpy4_i8(acc, p, v)
-        }
-    }
+    simd_kernels!(i8, dot_i8, axpy4_i8);
 }
 
 /// Dot product with four vectors of `L` partial sums: one vector's chain of dependent adds (about

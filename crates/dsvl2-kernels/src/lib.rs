@@ -29,7 +29,7 @@ mod tests;
 
 pub use attention::{
     decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, quantize_i8_rows, AttentionShape,
-    CacheValue, DecodeAttention, HeadRows, PrefillShape,
+    CacheValue, DecodeAttention, HeadRows, PrefillShape, RowScales,
 };
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};

@@ -855,7 +855,7 @@ fn decode_attention_batch_matches_single_sequences() {
             shape: &AttentionShape,
             queries: &[Vec<f32>],
             caches: &[&[T]],
-            scales: &[Option<(&[f32], &[f32])>],
+            scales: &[Option<crate::RowScales>],
             lens: &[usize],
         ) {
             let width = shape.heads * shape.value_dim;
@@ -875,13 +875,12 @@ fn decode_attention_batch_matches_single_sequences() {
             crate::attention::decode_attention_batch_isa(isa, &mut calls, shape);
             for (i, got) in batched.chunks_exact(width).enumerate() {
                 let mut alone = vec![f32::NAN; width];
-                let row_scales = scales[i].map(|(keys, values)| crate::attention::RowScales { keys, values });
                 decode_attention_isa(
                     isa,
                     &queries[i],
                     caches[i],
                     caches[i],
-                    row_scales,
+                    scales[i],
                     lens[i],
                     shape,
                     &mut alone,
@@ -899,7 +898,10 @@ fn decode_attention_batch_matches_single_sequences() {
         let f16s: Vec<&[f16]> = halves.iter().map(Vec::as_slice).collect();
         run(isa, &shape, &queries, &f16s, &none, &lens);
         let i8s: Vec<&[i8]> = bytes.iter().map(|(q, _)| q.as_slice()).collect();
-        let i8_scales: Vec<Option<(&[f32], &[f32])>> = bytes.iter().map(|(_, s)| Some((&s[..], &s[..]))).collect();
+        let i8_scales: Vec<Option<crate::RowScales>> = bytes
+            .iter()
+            .map(|(_, s)| Some(crate::RowScales { keys: s, values: s }))
+            .collect();
         run(isa, &shape, &queries, &i8s, &i8_scales, &lens);
     }
 }

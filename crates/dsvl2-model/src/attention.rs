@@ -16,7 +16,7 @@ use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
 use dsvl2_kernels::{
     decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, AttentionShape, DecodeAttention,
-    HeadRows, PrefillShape,
+    HeadRows, PrefillShape, RowScales,
 };
 
 /// What every layer's attention needs for one forward call.
@@ -351,8 +351,15 @@ impl Mha {
                 with_cpu_slices::<u8, _>(&rows, |bits| {
                     with_cpu_slices::<f32, _>(&scales, |scales| {
                         let caches: Vec<&[i8]> = bits.iter().map(|b| bits_as_i8(b)).collect();
-                        let scales: Vec<Option<(&[f32], &[f32])>> =
-                            scales.chunks_exact(2).map(|s| Some((s[0], s[1]))).collect();
+                        let scales: Vec<Option<RowScales>> = scales
+                            .chunks_exact(2)
+                            .map(|s| {
+                                Some(RowScales {
+                                    keys: s[0],
+                                    values: s[1],
+                                })
+                            })
+                            .collect();
                         decode_batch(&queries, &caches, &scales, &lens, &shape, &mut out)
                     })
                 })??
@@ -420,7 +427,7 @@ impl Mha {
 fn decode_batch<T: dsvl2_kernels::CacheValue>(
     queries: &[f32],
     caches: &[&[T]],
-    scales: &[Option<(&[f32], &[f32])>],
+    scales: &[Option<RowScales>],
     lens: &[usize],
     shape: &AttentionShape,
     out: &mut [f32],
