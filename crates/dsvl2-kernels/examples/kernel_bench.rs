@@ -1,8 +1,9 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode]` (`gemv`: only
-//! the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM table,
-//! `attention`: only decode attention over f16 and i8 caches, `decode`: the weight products of one
-//! decoded token of tiny, as the model dispatches them).
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention]`
+//! (`gemv`: only the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM
+//! table, `attention`: only decode attention over f16 and i8 caches, `decode`: the weight products of
+//! one decoded token of tiny, as the model dispatches them, `vision-attention`: the vision tower's
+//! attention over one tile).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -13,8 +14,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use dsvl2_kernels::{
-    cpu_features, decode_attention, decode_attention_i8, matmul_many, quantize_i8_rows, AttentionShape, Format,
-    MatmulJob, PackedMatrix,
+    cpu_features, decode_attention, decode_attention_i8, matmul_many, prefill_attention, quantize_i8_rows,
+    AttentionShape, Format, HeadRows, MatmulJob, PackedMatrix, PrefillShape,
 };
 use rayon::prelude::*;
 
@@ -172,6 +173,10 @@ fn main() {
     }
     if std::env::args().any(|a| a == "decode") {
         decode_stream_table(reps);
+        return;
+    }
+    if std::env::args().any(|a| a == "vision-attention") {
+        vision_attention(reps);
         return;
     }
     println!(
@@ -561,4 +566,40 @@ fn decode_stream_table(reps: usize) {
             bytes as f64 / t / 1e9 / bw
         );
     }
+}
+
+/// The vision tower's attention over one tile as `Vision::attention` runs it: 729 tokens, 16 heads of
+/// 72 (SigLIP so400m), read in place from the fused qkv rows, against the f32 FMA peak.
+fn vision_attention(reps: usize) {
+    let (tokens, heads, hd) = (729, 16, 72);
+    let width = heads * hd;
+    let qkv = data(tokens * 3 * width, 7);
+    let mut out = vec![0f32; tokens * width];
+    let shape = PrefillShape {
+        heads,
+        kv_heads: heads,
+        head_dim: hd,
+        queries: tokens,
+        keys: tokens,
+        scale: (hd as f32).powf(-0.5),
+        causal: false,
+    };
+    let rows = |offset: usize| HeadRows {
+        data: &qkv[offset..],
+        row_stride: 3 * width,
+    };
+    let t = median_secs(reps, |_| {
+        prefill_attention(rows(0), rows(width), rows(2 * width), &shape, &mut out, width);
+    });
+    let flops = (4 * tokens * tokens * width) as f64;
+    let peak = fma_peak();
+    println!(
+        "vision attention, one tile ({tokens} tokens, {heads} heads x {hd}): {:.2} ms, {:.1} GFLOP/s{}",
+        t * 1e3,
+        flops / t / 1e9,
+        peak.map_or(String::new(), |p| format!(
+            " ({:.2} of the 256-bit FMA peak {p:.0})",
+            flops / t / 1e9 / p
+        ))
+    );
 }

@@ -301,6 +301,25 @@ fn activation_quantization_error() {
     }
 }
 
+/// Many activation rows are quantized on all threads (a prompt); each row must come out exactly as
+/// when it is quantized alone (a decoded token, on the calling thread).
+#[test]
+fn quantized_activations_do_not_depend_on_the_row_count() {
+    let (m, cols) = (300, 1280);
+    let x = test_data(m * cols, 72);
+    let all = QuantizedActs::new(&x, m, cols);
+    let stride = all.stride;
+    for (i, row) in x.chunks_exact(cols).enumerate() {
+        let one = QuantizedActs::new(row, 1, cols);
+        assert_eq!(&all.q[i * cols..(i + 1) * cols], &one.q[..], "row {i} values");
+        assert_eq!(&all.d[i * stride..(i + 1) * stride], &one.d[..], "row {i} scales");
+        assert_eq!(&all.sum[i * stride..(i + 1) * stride], &one.sum[..], "row {i} sums");
+        assert_eq!(&all.bias_sum[i * stride..(i + 1) * stride], &one.bias_sum[..], "row {i} bias sums");
+    }
+    assert!(QuantizedActs::new(&[], 0, 1280).q.is_empty());
+    assert!(QuantizedActs::new(&[], 5, 0).q.is_empty());
+}
+
 /// Every large-product backend the build has (the `gemm` crate, and OpenBLAS when linked) against
 /// f64, with plain and transposed operands, a strided output, and products split by rows, by
 /// columns, or not at all. The shapes pass OpenBLAS's size gate (k, n ≥ 128). Measured worst: 3.2e-7
