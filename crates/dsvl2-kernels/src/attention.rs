@@ -439,7 +439,7 @@ fn sum_lanes<const L: usize>(mut v: [f32; L]) -> f32 {
 /// # Safety
 /// With `f16c`, the instruction set of `L` must be available (see [`CacheValue::simd_dot`]).
 #[inline(always)]
-pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
+pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: bool>(
     q: &[f32],
     keys: &[T],
     values: &[T],
@@ -479,7 +479,7 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue>(
     let mut max = vec![f32::NEG_INFINITY; s.heads];
     let mut sum = vec![0f32; s.heads];
     for h in 0..s.heads {
-        (max[h], sum[h]) = crate::math::exp_shifted_in_place(&mut scores[h * n..(h + 1) * n]);
+        (max[h], sum[h]) = crate::math::exp_shifted_in_place::<FMA>(&mut scores[h * n..(h + 1) * n]);
     }
     if let Some(scales) = scales {
         scale_scores(&mut scores, scales.values, &positions, s);
@@ -604,7 +604,7 @@ impl Isa {
     ) -> Partial {
         match self {
             // SAFETY: no F16C asked for.
-            Isa::Scalar => unsafe { attend_positions::<8, T>(q, keys, values, scales, positions, s, false) },
+            Isa::Scalar => unsafe { attend_positions::<8, T, false>(q, keys, values, scales, positions, s, false) },
             // SAFETY: these variants are only constructed after their features were detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, scales, positions, s) },
@@ -789,11 +789,16 @@ pub(crate) fn prefill_attention_isa(
 /// in `sums`. With `causal_past = Some(p)`, row `i` keeps only its first `p + i + 1` values and the
 /// rest become 0.
 #[inline(always)]
-pub(crate) fn softmax_rows(scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
+pub(crate) fn softmax_rows<const FMA: bool>(
+    scores: &mut [f32],
+    cols: usize,
+    causal_past: Option<usize>,
+    sums: &mut [f32],
+) {
     for ((i, row), sum) in scores.chunks_exact_mut(cols).enumerate().zip(sums) {
         let visible = causal_past.map_or(cols, |p| (p + i + 1).min(cols));
         let (seen, hidden) = row.split_at_mut(visible);
-        *sum = crate::math::exp_shifted_in_place(seen).1;
+        *sum = crate::math::exp_shifted_in_place::<FMA>(seen).1;
         hidden.fill(0.0);
     }
 }
@@ -802,7 +807,7 @@ impl Isa {
     /// [`softmax_rows`] compiled for this instruction set.
     fn softmax_rows(self, scores: &mut [f32], cols: usize, causal_past: Option<usize>, sums: &mut [f32]) {
         match self {
-            Isa::Scalar => softmax_rows(scores, cols, causal_past, sums),
+            Isa::Scalar => softmax_rows::<false>(scores, cols, causal_past, sums),
             // SAFETY: these variants are only constructed after their features were detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::softmax_rows(scores, cols, causal_past, sums) },

@@ -314,7 +314,11 @@ fn quantized_activations_do_not_depend_on_the_row_count() {
         assert_eq!(&all.q[i * cols..(i + 1) * cols], &one.q[..], "row {i} values");
         assert_eq!(&all.d[i * stride..(i + 1) * stride], &one.d[..], "row {i} scales");
         assert_eq!(&all.sum[i * stride..(i + 1) * stride], &one.sum[..], "row {i} sums");
-        assert_eq!(&all.bias_sum[i * stride..(i + 1) * stride], &one.bias_sum[..], "row {i} bias sums");
+        assert_eq!(
+            &all.bias_sum[i * stride..(i + 1) * stride],
+            &one.bias_sum[..],
+            "row {i} bias sums"
+        );
     }
     assert!(QuantizedActs::new(&[], 0, 1280).q.is_empty());
     assert!(QuantizedActs::new(&[], 5, 0).q.is_empty());

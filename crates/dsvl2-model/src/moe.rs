@@ -339,7 +339,11 @@ mod tests {
         let parallel = silu_mul(&gate, &up);
         for (i, chunk) in gate.chunks(1000).enumerate() {
             let serial = silu_mul(chunk, &up[i * 1000..]);
-            assert_eq!(&parallel[i * 1000..i * 1000 + chunk.len()], &serial[..], "values {i}000..");
+            assert_eq!(
+                &parallel[i * 1000..i * 1000 + chunk.len()],
+                &serial[..],
+                "values {i}000.."
+            );
         }
         assert_eq!(parallel[1], gate[1] / (1.0 + (-gate[1]).exp()) * up[1]);
     }

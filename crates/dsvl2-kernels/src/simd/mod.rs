@@ -80,8 +80,9 @@ pub(crate) unsafe fn for_each_r16_tile(
 }
 
 /// Instantiates the generic (auto-vectorised) kernels of [`crate::attention`] for one instruction set:
-/// the same source, compiled with `$features` enabled and `$lanes` f32 lanes per vector. Callers must
-/// only call them once the features were detected (see [`crate::isa::Isa`]).
+/// the same source, compiled with `$features` enabled and `$lanes` f32 lanes per vector. Every such set
+/// has FMA, so their `exp` polynomials use fused multiply-adds. Callers must only call them once the
+/// features were detected (see [`crate::isa::Isa`]).
 #[cfg(target_arch = "x86_64")]
 macro_rules! generic_kernels {
     ($features:literal, $lanes:literal) => {
@@ -99,7 +100,7 @@ macro_rules! generic_kernels {
             positions: std::ops::Range<usize>,
             s: &crate::AttentionShape,
         ) -> crate::attention::Partial {
-            crate::attention::attend_positions::<$lanes, T>(q, keys, values, scales, positions, s, true)
+            crate::attention::attend_positions::<$lanes, T, true>(q, keys, values, scales, positions, s, true)
         }
 
         /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
@@ -113,7 +114,7 @@ macro_rules! generic_kernels {
             causal_past: Option<usize>,
             sums: &mut [f32],
         ) {
-            crate::attention::softmax_rows(scores, cols, causal_past, sums)
+            crate::attention::softmax_rows::<true>(scores, cols, causal_past, sums)
         }
 
         /// [`crate::math::bias_activation`] compiled for this module's instruction set.
@@ -122,7 +123,7 @@ macro_rules! generic_kernels {
         /// This module's features must be available.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
-            crate::math::bias_activation(y, bias, gelu_tanh)
+            crate::math::bias_activation::<true>(y, bias, gelu_tanh)
         }
     };
 }
