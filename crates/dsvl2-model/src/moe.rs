@@ -50,7 +50,7 @@ fn forward_mlps(mlps: &[&Mlp], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
         .unzip();
     let gate_up = forward_many(&layers, &xs);
     let total: usize = gate_up.iter().step_by(2).map(Vec::len).sum();
-    let hidden: Vec<Vec<f32>> = if total >= PARALLEL_SILU_VALUES {
+    let hidden: Vec<Vec<f32>> = if total >= PARALLEL_VALUES {
         gate_up
             .par_chunks_exact(2)
             .map(|pair| silu_mul(&pair[0], &pair[1]))
@@ -66,18 +66,19 @@ fn forward_mlps(mlps: &[&Mlp], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
     forward_many(&downs, &hidden)
 }
 
-/// Values of `silu(gate) * up` from which they are computed on all threads: a prompt's MLPs have
-/// millions (tiny's first layer: 1039 x 6848), which took ~0.1 s per image request on one thread while
-/// the other waited (perf); a decoded token's few thousand are not worth a fork/join.
-const PARALLEL_SILU_VALUES: usize = 64 * 1024;
+/// Values from which the feed-forward blocks' element-wise work (`silu(gate) * up`, gathering each
+/// expert's rows, summing the experts' outputs) runs on all threads: a prompt has millions (tiny's
+/// first layer: 1039 x 6848), which took ~0.3 s per image request on one thread while the other waited
+/// (perf); a decoded token's few thousand are not worth a fork/join.
+const PARALLEL_VALUES: usize = 64 * 1024;
 
 /// `silu(gate) * up`, element by element (in parallel for long rows; the same values either way).
 fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let silu_mul = |(&g, &u): (&f32, &f32)| g / (1.0 + (-g).exp()) * u;
-    if gate.len() >= PARALLEL_SILU_VALUES {
+    if gate.len() >= PARALLEL_VALUES {
         gate.par_iter()
             .zip(up)
-            .with_min_len(PARALLEL_SILU_VALUES / 4)
+            .with_min_len(PARALLEL_VALUES / 4)
             .map(silu_mul)
             .collect()
     } else {
@@ -244,8 +245,16 @@ impl Moe {
             }
         }
         let active: Vec<usize> = (0..self.experts.len()).filter(|&e| !assigned[e].is_empty()).collect();
+        // A prompt's gathers and sums run on all threads (experts, then tokens, split across them); a
+        // decoding step's few rows in one chunk, on this thread.
+        let (experts_per_task, tokens_per_task) = if tokens * d >= PARALLEL_VALUES {
+            (1, (PARALLEL_VALUES / 4 / d).max(1))
+        } else {
+            (usize::MAX, usize::MAX)
+        };
         let gathered: Vec<Vec<f32>> = active
-            .iter()
+            .par_iter()
+            .with_min_len(experts_per_task)
             .map(|&e| {
                 assigned[e]
                     .iter()
@@ -261,16 +270,31 @@ impl Moe {
             inputs.push(&xs);
         }
         let outputs = forward_mlps(&mlps, &inputs);
-        let mut y = vec![0f32; tokens * d];
-        for (&e, out) in active.iter().zip(&outputs) {
-            for (&(t, w), row) in assigned[e].iter().zip(out.chunks_exact(d)) {
-                y[t * d..(t + 1) * d].iter_mut().zip(row).for_each(|(y, v)| *y += v * w);
+        // Each token's rows of the experts' outputs (output, row, weight), in expert order: every sum
+        // is taken in that order, then the shared experts' row is added.
+        let mut contributions: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); tokens];
+        for (a, &e) in active.iter().enumerate() {
+            for (row, &(t, w)) in assigned[e].iter().enumerate() {
+                contributions[t].push((a, row, w));
             }
         }
-        if self.shared.is_some() {
-            let shared_out = outputs.last().expect("the shared experts ran last");
-            y.iter_mut().zip(shared_out).for_each(|(y, s)| *y += s);
-        }
+        let shared_out = self
+            .shared
+            .as_ref()
+            .map(|_| outputs.last().expect("the shared experts ran last"));
+        let mut y = vec![0f32; tokens * d];
+        y.par_chunks_mut(d.max(1))
+            .enumerate()
+            .with_min_len(tokens_per_task)
+            .for_each(|(t, y)| {
+                for &(a, row, w) in &contributions[t] {
+                    let out = &outputs[a][row * d..(row + 1) * d];
+                    y.iter_mut().zip(out).for_each(|(y, v)| *y += v * w);
+                }
+                if let Some(shared) = shared_out {
+                    y.iter_mut().zip(&shared[t * d..(t + 1) * d]).for_each(|(y, s)| *y += s);
+                }
+            });
         Tensor::from_vec(y, (tokens, d), x.device())
     }
 
@@ -333,7 +357,7 @@ mod tests {
     /// path (a decoded token's) gives.
     #[test]
     fn silu_mul_is_the_same_in_parallel() {
-        let n = 3 * PARALLEL_SILU_VALUES + 7;
+        let n = 3 * PARALLEL_VALUES + 7;
         let gate: Vec<f32> = (0..n).map(|i| ((i * 37 % 1001) as f32 - 500.0) / 50.0).collect();
         let up: Vec<f32> = (0..n).map(|i| ((i * 91 % 997) as f32 - 498.0) / 100.0).collect();
         let parallel = silu_mul(&gate, &up);
