@@ -308,26 +308,22 @@ impl QuantizedActs {
         if cols == 0 {
             return acts;
         }
-        let rows = (
+        // Below the threshold, one chunk: on this thread, no fork/join.
+        let rows_per_task = if m * cols >= PARALLEL_QUANTIZE_VALUES {
+            (PARALLEL_QUANTIZE_VALUES / 4 / cols).max(1)
+        } else {
+            usize::MAX
+        };
+        (
             x.par_chunks(cols),
             acts.q.par_chunks_mut(cols),
             acts.d.par_chunks_mut(stride),
             acts.sum.par_chunks_mut(stride),
             acts.bias_sum.par_chunks_mut(stride),
-        );
-        if m * cols >= PARALLEL_QUANTIZE_VALUES {
-            let min_rows = PARALLEL_QUANTIZE_VALUES / 4 / cols;
-            rows.into_par_iter()
-                .with_min_len(min_rows.max(1))
-                .for_each(|(x, q, d, sum, bias_sum)| quantize_act_row(x, q, d, sum, bias_sum));
-        } else {
-            let (x, q, d, sum, bias_sum) = rows;
-            x.zip(q)
-                .zip(d)
-                .zip(sum)
-                .zip(bias_sum)
-                .for_each(|((((x, q), d), sum), bias_sum)| quantize_act_row(x, q, d, sum, bias_sum));
-        }
+        )
+            .into_par_iter()
+            .with_min_len(rows_per_task)
+            .for_each(|(x, q, d, sum, bias_sum)| quantize_act_row(x, q, d, sum, bias_sum));
         acts
     }
 }

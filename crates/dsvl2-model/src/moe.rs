@@ -74,15 +74,15 @@ const PARALLEL_VALUES: usize = 64 * 1024;
 
 /// `silu(gate) * up`, element by element (in parallel for long rows; the same values either way).
 fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let silu_mul = |(&g, &u): (&f32, &f32)| g / (1.0 + (-g).exp()) * u;
+    let one = |(&g, &u): (&f32, &f32)| g / (1.0 + (-g).exp()) * u;
     if gate.len() >= PARALLEL_VALUES {
         gate.par_iter()
             .zip(up)
             .with_min_len(PARALLEL_VALUES / 4)
-            .map(silu_mul)
+            .map(one)
             .collect()
     } else {
-        gate.iter().zip(up).map(silu_mul).collect()
+        gate.iter().zip(up).map(one).collect()
     }
 }
 
