@@ -190,7 +190,7 @@ mod tests {
                 assert!((*g as f64 - w).abs() < 1e-7, "{g} vs {w}");
             }
         }
-        // A NaN score is skipped by the maximum (and makes its own value NaN).
+        // A NaN score is skipped by the maximum.
         let mut x = vec![1.0f32; 20];
         x[3] = f32::NAN;
         assert_eq!(exp_shifted_in_place::<true>(&mut x).0, 1.0);

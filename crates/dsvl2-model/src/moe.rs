@@ -50,17 +50,11 @@ fn forward_mlps(mlps: &[&Mlp], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
         .unzip();
     let gate_up = forward_many(&layers, &xs);
     let total: usize = gate_up.iter().step_by(2).map(Vec::len).sum();
-    let hidden: Vec<Vec<f32>> = if total >= PARALLEL_VALUES {
-        gate_up
-            .par_chunks_exact(2)
-            .map(|pair| silu_mul(&pair[0], &pair[1]))
-            .collect()
-    } else {
-        gate_up
-            .chunks_exact(2)
-            .map(|pair| silu_mul(&pair[0], &pair[1]))
-            .collect()
-    };
+    let hidden: Vec<Vec<f32>> = gate_up
+        .par_chunks_exact(2)
+        .with_min_len(items_per_task(total, 1))
+        .map(|pair| silu_mul(&pair[0], &pair[1]))
+        .collect();
     let downs: Vec<&Linear> = mlps.iter().map(|m| &m.down).collect();
     let hidden: Vec<&[f32]> = hidden.iter().map(Vec::as_slice).collect();
     forward_many(&downs, &hidden)
@@ -72,18 +66,23 @@ fn forward_mlps(mlps: &[&Mlp], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
 /// (perf); a decoded token's few thousand are not worth a fork/join.
 const PARALLEL_VALUES: usize = 64 * 1024;
 
+/// The `with_min_len` for a parallel pass over `values` values split into items: `parallel` items
+/// per task from [`PARALLEL_VALUES`] on, else all in one chunk, run on the calling thread.
+fn items_per_task(values: usize, parallel: usize) -> usize {
+    if values >= PARALLEL_VALUES {
+        parallel.max(1)
+    } else {
+        usize::MAX
+    }
+}
+
 /// `silu(gate) * up`, element by element (in parallel for long rows; the same values either way).
 fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let one = |(&g, &u): (&f32, &f32)| g / (1.0 + (-g).exp()) * u;
-    if gate.len() >= PARALLEL_VALUES {
-        gate.par_iter()
-            .zip(up)
-            .with_min_len(PARALLEL_VALUES / 4)
-            .map(one)
-            .collect()
-    } else {
-        gate.iter().zip(up).map(one).collect()
-    }
+    gate.par_iter()
+        .zip(up)
+        .with_min_len(items_per_task(gate.len(), PARALLEL_VALUES / 4))
+        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
 }
 
 /// The experts chosen for one token and their weights.
@@ -247,14 +246,9 @@ impl Moe {
         let active: Vec<usize> = (0..self.experts.len()).filter(|&e| !assigned[e].is_empty()).collect();
         // A prompt's gathers and sums run on all threads (experts, then tokens, split across them); a
         // decoding step's few rows in one chunk, on this thread.
-        let (experts_per_task, tokens_per_task) = if tokens * d >= PARALLEL_VALUES {
-            (1, (PARALLEL_VALUES / 4 / d).max(1))
-        } else {
-            (usize::MAX, usize::MAX)
-        };
         let gathered: Vec<Vec<f32>> = active
             .par_iter()
-            .with_min_len(experts_per_task)
+            .with_min_len(items_per_task(tokens * d, 1))
             .map(|&e| {
                 assigned[e]
                     .iter()
@@ -285,7 +279,7 @@ impl Moe {
         let mut y = vec![0f32; tokens * d];
         y.par_chunks_mut(d.max(1))
             .enumerate()
-            .with_min_len(tokens_per_task)
+            .with_min_len(items_per_task(tokens * d, PARALLEL_VALUES / 4 / d.max(1)))
             .for_each(|(t, y)| {
                 for &(a, row, w) in &contributions[t] {
                     let out = &outputs[a][row * d..(row + 1) * d];
