@@ -121,7 +121,13 @@ pub fn ggml_nbytes(type_id: u32, shape: &[usize]) -> Result<u64, String> {
         return Err(format!("{} dims; GGUF allows at most {GGUF_MAX_DIMS}", shape.len()));
     }
     let row = shape.last().copied().unwrap_or(1);
-    if row % block_len != 0 {
+    // dsvl2's interleaved q8_0 pads a row's partial last block with zeros (a whole block's bytes).
+    let padded_row = if type_id == ggml_type::DSVL2_Q8_0_R16 {
+        row.next_multiple_of(block_len)
+    } else {
+        row
+    };
+    if padded_row % block_len != 0 {
         return Err(format!(
             "last dimension {row} is not a multiple of the {}-element blocks of {}",
             block_len,
@@ -136,7 +142,7 @@ pub fn ggml_nbytes(type_id: u32, shape: &[usize]) -> Result<u64, String> {
     if type_id == ggml_type::DSVL2_Q8_0_R16 && !rows.is_multiple_of(16) {
         return Err(format!("{rows} rows are not whole groups of 16 (DSVL2_Q8_0_R16)"));
     }
-    (elems / block_len as u64)
+    (rows * (padded_row / block_len) as u64)
         .checked_mul(block_bytes as u64)
         .ok_or_else(|| format!("shape {shape:?} overflows"))
 }

@@ -520,7 +520,8 @@ fn model_gguf_errors_name_the_file_and_the_metadata_key() {
     assert!(err.contains("general.architecture") && err.contains("llama"), "{err}");
 }
 
-/// dsvl2's interleaved q8_0 type has q8_0's size and needs whole groups of 16 rows.
+/// dsvl2's interleaved q8_0 type has q8_0's size and needs whole groups of 16 rows; a row that ends
+/// in a partial block (SigLIP's fc2: 4304 values) takes a whole block, where plain q8_0 refuses it.
 #[test]
 fn interleaved_q8_0_type() {
     let t = ggml_type::DSVL2_Q8_0_R16;
@@ -528,6 +529,8 @@ fn interleaved_q8_0_type() {
         gguf::ggml_nbytes(t, &[32, 64]),
         gguf::ggml_nbytes(ggml_type::Q8_0, &[32, 64])
     );
+    assert_eq!(gguf::ggml_nbytes(t, &[1152, 4304]), Ok(1152 * 135 * 34));
+    assert!(gguf::ggml_nbytes(ggml_type::Q8_0, &[1152, 4304]).is_err());
     let e = gguf::ggml_nbytes(t, &[40, 64]).unwrap_err();
     assert!(e.contains("groups of 16"), "{e}");
     assert_eq!(gguf::ggml_type_name(t), Some("DSVL2_Q8_0_R16"));

@@ -609,7 +609,9 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::attend_positions(q, keys, values, scales, positions, s) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { crate::simd::avx512::attend_positions(q, keys, values, scales, positions, s) },
+            Isa::Avx512 | Isa::Amx => unsafe {
+                crate::simd::avx512::attend_positions(q, keys, values, scales, positions, s)
+            },
         }
     }
 }
@@ -812,7 +814,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::softmax_rows(scores, cols, causal_past, sums) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { crate::simd::avx512::softmax_rows(scores, cols, causal_past, sums) },
+            Isa::Avx512 | Isa::Amx => unsafe { crate::simd::avx512::softmax_rows(scores, cols, causal_past, sums) },
         }
     }
 }

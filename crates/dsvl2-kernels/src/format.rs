@@ -87,9 +87,16 @@ impl Format {
         matches!(self, Format::Q8_0 | Format::Q8_0R16 | Format::Q4K)
     }
 
-    /// Whether a row of `cols` elements is a whole number of blocks.
+    /// Whether a row of `cols` elements can be stored: a whole number of blocks, or for
+    /// [`Format::Q8_0R16`] any width (its rows end in a partial block padded with zeros, which add
+    /// nothing to a dot product: SigLIP's fc2 has 4304 inputs).
     pub fn supports_cols(self, cols: usize) -> bool {
-        cols.is_multiple_of(self.block_len())
+        self == Format::Q8_0R16 || cols.is_multiple_of(self.block_len())
+    }
+
+    /// Values per stored row: `cols` rounded up to whole blocks (only [`Format::Q8_0R16`] rounds).
+    pub fn padded_cols(self, cols: usize) -> usize {
+        cols.next_multiple_of(self.block_len())
     }
 
     /// The ggml / GGUF tensor type id ([`Format::Q8_0R16`]: dsvl2's own id, see
@@ -109,9 +116,10 @@ impl Format {
         STORED.into_iter().find(|f| f.ggml_type() == t)
     }
 
-    /// Storage size of a `rows x cols` matrix (`cols` must satisfy [`Format::supports_cols`]).
+    /// Storage size of a `rows x cols` matrix (`cols` must satisfy [`Format::supports_cols`]; a
+    /// partial last block takes a whole one).
     pub fn bytes_for(self, rows: usize, cols: usize) -> usize {
-        rows * (cols / self.block_len()) * self.block_bytes()
+        rows * cols.div_ceil(self.block_len()) * self.block_bytes()
     }
 
     pub fn name(self) -> &'static str {

@@ -67,7 +67,7 @@ unsafe fn gemv_rows(isa: Isa, w: &PackedMatrix, acts: &Acts, m: usize, rows: std
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, Acts::F32(x)) = (isa, acts) {
+    if let (Isa::Avx512 | Isa::Amx, Acts::F32(x)) = (isa, acts) {
         // SAFETY: AVX-512 detected; the sizes were checked by the caller (x: m · cols values, y above).
         let bytes = w.row_range_bytes(rows.start, rows.len());
         let (rs, cols) = (rows.start, w.cols());

@@ -16,11 +16,16 @@ pub(crate) enum Isa {
     /// 512-bit `vpdpbusd`; everything else runs the AVX2 kernels.
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// The AVX-512 set plus AMX-INT8 with the OS's leave to use it: the q8_0_r16 products of 4 or more
+    /// activation rows (prompts, the vision tower, decoding batches) run on the tile multiplier
+    /// (`simd::amx`); everything else as [`Isa::Avx512`].
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Isa {
     /// The best instruction set this CPU supports, detected once. The environment variable
-    /// `DSVL2_KERNELS=scalar|avx2|avx512` caps it (to measure or rule out a kernel set on a bigger CPU;
+    /// `DSVL2_KERNELS=scalar|avx2|avx512|amx` caps it (to measure or rule out a kernel set on a bigger CPU;
     /// a set the CPU lacks is never chosen, and an unknown value is ignored with a warning).
     pub(crate) fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
@@ -50,6 +55,8 @@ impl Isa {
             Isa::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx",
         }
     }
 
@@ -67,6 +74,9 @@ impl Isa {
                 && is_x86_feature_detected!("avx512vnni")
             {
                 v.push(Isa::Avx512);
+                if crate::simd::amx::available() {
+                    v.push(Isa::Amx);
+                }
             }
         }
         v
@@ -79,6 +89,8 @@ impl Isa {
             Isa::Avx2 => "avx2+fma+f16c",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => "avx512vnni+avx2+fma+f16c",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx-int8+avx512vnni+avx2+fma+f16c",
         }
     }
 
@@ -96,7 +108,7 @@ impl Isa {
             Isa::Scalar => scalar::decode(format, &src[..need], dst),
             // SAFETY: Avx2 is only constructed after the features were detected; sizes checked above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => unsafe { crate::simd::x86::decode(format, src, dst) },
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => unsafe { crate::simd::x86::decode(format, src, dst) },
         }
     }
 
@@ -123,7 +135,7 @@ impl Isa {
             Isa::Scalar => scalar::dot_multi(w, x, stride, out),
             // SAFETY: features detected; dot_multi checks the length of x itself.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => unsafe { crate::simd::x86::dot_multi(w, x, stride, out) },
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => unsafe { crate::simd::x86::dot_multi(w, x, stride, out) },
         }
     }
 
@@ -157,7 +169,10 @@ impl Isa {
             // SAFETY: features detected; sizes checked above, y by the caller.
             #[cfg(target_arch = "x86_64")]
             match self {
-                Isa::Avx512 => return crate::simd::avx512::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride),
+                Isa::Amx if m >= crate::simd::amx::MIN_ROWS => {
+                    return crate::simd::amx::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride)
+                }
+                Isa::Avx512 | Isa::Amx => return crate::simd::avx512::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride),
                 Isa::Avx2 => return crate::simd::x86::gemv_q8_0_r16(w, nrows, acts, m, y, y_stride),
                 Isa::Scalar => {}
             }
@@ -189,7 +204,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => crate::simd::x86::gemv_quantized(format, w, nrows, acts, m, y, y_stride),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => crate::simd::avx512::gemv_quantized(format, w, nrows, acts, m, y, y_stride),
+            Isa::Avx512 | Isa::Amx => crate::simd::avx512::gemv_quantized(format, w, nrows, acts, m, y, y_stride),
         }
     }
 }

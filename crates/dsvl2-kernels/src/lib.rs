@@ -8,9 +8,9 @@
 //! * [`decode_attention`]: one query row per head over a sequence's cache (f32, f16, or i8 with
 //!   [`decode_attention_i8`]), split over positions; [`prefill_attention`]: many query rows (the vision tower, prompts), heads in parallel.
 //!
-//! Kernels are chosen at run time: AVX-512 (F/BW/VL/VNNI) or AVX2 + FMA + F16C on x86-64 when
-//! available (and the AVX-512 matmul kernels of `gemm` for large products), portable scalar code
-//! otherwise. See [`cpu_features`].
+//! Kernels are chosen at run time: AVX-512 (F/BW/VL/VNNI), with AMX-INT8 for the interleaved q8_0
+//! products of 8 or more rows, or AVX2 + FMA + F16C on x86-64 when available (and the AVX-512 matmul
+//! kernels of `gemm` for large products), portable scalar code otherwise. See [`cpu_features`].
 
 mod attention;
 #[cfg(dsvl2_openblas)]
@@ -132,7 +132,8 @@ pub fn openblas_coretype_fix() -> Option<&'static str> {
     None
 }
 
-/// The kernel set in use on this CPU: `"avx512vnni+avx2+fma+f16c"`, `"avx2+fma+f16c"` or `"scalar"`.
+/// The kernel set in use on this CPU: `"amx-int8+avx512vnni+avx2+fma+f16c"`, `"avx512vnni+avx2+fma+f16c"`,
+/// `"avx2+fma+f16c"` or `"scalar"`.
 pub fn cpu_features() -> &'static str {
     isa::Isa::detect().name()
 }

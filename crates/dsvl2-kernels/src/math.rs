@@ -108,7 +108,7 @@ impl crate::isa::Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { crate::simd::x86::bias_activation(y, bias, gelu_tanh) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { crate::simd::avx512::bias_activation(y, bias, gelu_tanh) },
+            Isa::Avx512 | Isa::Amx => unsafe { crate::simd::avx512::bias_activation(y, bias, gelu_tanh) },
         }
     }
 }

@@ -281,17 +281,29 @@ impl PackedMatrix {
         }
         // Interleaved groups: each group's rows back to plain q8_0 rows (4-byte pieces moved back), then
         // the q8_0 decoder, so the values are bit-identical to q8_0's.
-        let group_bytes = Format::Q8_0R16.bytes_for(R16, self.cols);
+        // Rows ending in a partial block are decoded whole, then cut to `cols`.
+        let (cols, padded) = (self.cols, Format::Q8_0R16.padded_cols(self.cols));
+        let group_bytes = Format::Q8_0R16.bytes_for(R16, cols);
         let mut plain = vec![0u8; group_bytes];
+        let mut rows = vec![0f32; if padded > cols { R16 * padded } else { 0 }];
         let mut done = 0;
         while done < n {
             let row = start + done;
             let (g, first) = (row / R16, row % R16);
             let count = (R16 - first).min(n - done);
             let group = &self.as_bytes()[g * group_bytes..][..group_bytes];
-            isa.deinterleave_r16(group, self.cols, first, count, &mut plain);
-            let out = &mut out[done * self.cols..(done + count) * self.cols];
-            isa.decode(Format::Q8_0, &plain[..count * self.row_bytes()], out);
+            isa.deinterleave_r16(group, padded, first, count, &mut plain);
+            let out = &mut out[done * cols..(done + count) * cols];
+            let plain = &plain[..count * self.row_bytes()];
+            if padded == cols {
+                isa.decode(Format::Q8_0, plain, out);
+            } else {
+                let rows = &mut rows[..count * padded];
+                isa.decode(Format::Q8_0, plain, rows);
+                for (out, row) in out.chunks_exact_mut(cols).zip(rows.chunks_exact(padded)) {
+                    out.copy_from_slice(&row[..cols]);
+                }
+            }
             done += count;
         }
     }

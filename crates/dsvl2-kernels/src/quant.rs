@@ -43,14 +43,18 @@ pub(crate) fn quantize_row(format: Format, src: &[f32], dst: &mut [u8]) {
 }
 
 /// Quantizes 16 rows (`src`: `16 · cols` values) into one interleaved group of [`Format::Q8_0R16`]
-/// (`dst`: its exact byte size): q8_0 per row, then [`interleave_r16`].
+/// (`dst`: its exact byte size): q8_0 per row (a partial last block padded with zeros), then
+/// [`interleave_r16`].
 pub(crate) fn quantize_group_r16(src: &[f32], cols: usize, dst: &mut [u8]) {
-    let row_bytes = Format::Q8_0.bytes_for(1, cols);
+    let padded = Format::Q8_0R16.padded_cols(cols);
+    let row_bytes = Format::Q8_0.bytes_for(1, padded);
     let mut plain = vec![0u8; R16 * row_bytes];
+    let mut row = vec![0f32; padded];
     for (d, s) in plain.chunks_exact_mut(row_bytes).zip(src.chunks_exact(cols)) {
-        quantize_row(Format::Q8_0, s, d);
+        row[..cols].copy_from_slice(s);
+        quantize_row(Format::Q8_0, &row, d);
     }
-    interleave_r16(&plain, cols, dst);
+    interleave_r16(&plain, padded, dst);
 }
 
 /// Where quant byte `k` (0..32) of block column `b`, row `r` (0..16) of an interleaved group lies,
@@ -60,7 +64,8 @@ pub(crate) fn r16_quant_offset(b: usize, r: usize, k: usize) -> usize {
     b * Q8_0R16_GROUP_BYTES + 2 * R16 + 64 * (k / 4) + 4 * r + k % 4
 }
 
-/// 16 plain q8_0 rows of `cols` values (`plain`) in [`Format::Q8_0R16`]'s group layout (`group`).
+/// 16 plain q8_0 rows of `cols` values (`plain`; whole blocks) in [`Format::Q8_0R16`]'s group layout
+/// (`group`).
 pub(crate) fn interleave_r16(plain: &[u8], cols: usize, group: &mut [u8]) {
     let nb = cols / QK8_0;
     for r in 0..R16 {
@@ -293,16 +298,20 @@ pub(crate) struct QuantizedActs {
 const PARALLEL_QUANTIZE_VALUES: usize = 64 * 1024;
 
 impl QuantizedActs {
+    /// `m` rows of `cols` values from `x`. Rows that end in a partial block (only for q8_0_r16
+    /// weights, whose rows are padded the same way) are stored padded with zeros: `self.cols` is then
+    /// `cols` rounded up to whole blocks.
     pub(crate) fn new(x: &[f32], m: usize, cols: usize) -> Self {
-        assert!(cols.is_multiple_of(QK8_0) && x.len() == m * cols);
-        let nb = cols / QK8_0;
+        assert!(x.len() == m * cols);
+        let padded = cols.next_multiple_of(QK8_0);
+        let nb = padded / QK8_0;
         let stride = nb.next_multiple_of(8);
         let mut acts = QuantizedActs {
-            q: vec![0; m * cols],
+            q: vec![0; m * padded],
             d: vec![0.0; m * stride],
             sum: vec![0.0; m * stride],
             bias_sum: vec![0; m * stride],
-            cols,
+            cols: padded,
             stride,
         };
         if cols == 0 {
@@ -316,7 +325,7 @@ impl QuantizedActs {
         };
         (
             x.par_chunks(cols),
-            acts.q.par_chunks_mut(cols),
+            acts.q.par_chunks_mut(padded),
             acts.d.par_chunks_mut(stride),
             acts.sum.par_chunks_mut(stride),
             acts.bias_sum.par_chunks_mut(stride),
@@ -328,9 +337,18 @@ impl QuantizedActs {
     }
 }
 
-/// One row of [`QuantizedActs`]: `x` (a whole number of 32-value blocks) into its values `q` and its
-/// per-block `d`, `sum` and `bias_sum`.
+/// One row of [`QuantizedActs`]: `x` into its values `q` (whole 32-value blocks: a partial last block
+/// of `x` is quantized as if padded with zeros) and its per-block `d`, `sum` and `bias_sum`.
 fn quantize_act_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], bias_sum: &mut [i32]) {
+    let whole = x.len() / QK8_0 * QK8_0;
+    if whole < x.len() {
+        let mut last = [0f32; QK8_0];
+        last[..x.len() - whole].copy_from_slice(&x[whole..]);
+        quantize_act_row(&x[..whole], &mut q[..whole], d, sum, bias_sum);
+        let b = whole / QK8_0;
+        let (d, sum, bias_sum) = (&mut d[b..b + 1], &mut sum[b..b + 1], &mut bias_sum[b..b + 1]);
+        return quantize_act_row(&last, &mut q[whole..whole + QK8_0], d, sum, bias_sum);
+    }
     for (b, (xs, qs)) in x.chunks_exact(QK8_0).zip(q.chunks_exact_mut(QK8_0)).enumerate() {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;

@@ -1096,3 +1096,69 @@ fn q8_0_r16_groups_back_to_rows_on_every_kernel_set() {
         }
     }
 }
+
+/// The AMX tiles compute the same exact integer block dot products as the AVX-512 ones and scale and
+/// sum them in the same order, so their results are identical, for full 16-row tiles and the partial
+/// ones after them alike.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_matches_avx512_exactly() {
+    let isas = isas();
+    if !isas.contains(&Isa::Amx) {
+        eprintln!("no AMX here: nothing to compare");
+        return;
+    }
+    let (rows, cols) = (48, 320);
+    let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &test_data(rows * cols, 91)).unwrap();
+    for m in [8, 9, 15, 16, 17, 24, 33, 100] {
+        let x = test_data(m * cols, 92 + m as u64);
+        let (mut amx, mut avx512) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
+        r16.matmul_isa(Isa::Amx, &x, m, &mut amx);
+        r16.matmul_isa(Isa::Avx512, &x, m, &mut avx512);
+        assert_eq!(amx, avx512, "m = {m}");
+    }
+}
+
+/// q8_0_r16 rows that end in a partial block (SigLIP's fc2: 4304 inputs) are stored and multiplied
+/// as if padded with zero columns: bit for bit what the explicitly padded matrix gives, on every
+/// kernel set, and their dequantized values are the padded matrix's first `cols`.
+#[test]
+fn q8_0_r16_rows_with_a_partial_block_act_as_zero_padded() {
+    let (rows, cols, padded) = (32, 80, 96);
+    let data = test_data(rows * cols, 93);
+    let mut wide = vec![0f32; rows * padded];
+    for (w, d) in wide.chunks_exact_mut(padded).zip(data.chunks_exact(cols)) {
+        w[..cols].copy_from_slice(d);
+    }
+    let ragged = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &data).unwrap();
+    let full = PackedMatrix::from_f32(Format::Q8_0R16, rows, padded, &wide).unwrap();
+    assert_eq!(
+        ragged.as_bytes(),
+        full.as_bytes(),
+        "the same bytes as the zero-padded matrix"
+    );
+    assert!(PackedMatrix::from_bytes(Format::Q8_0R16, rows, cols, full.as_bytes()).is_ok());
+    assert!(
+        PackedMatrix::from_f32(Format::Q8_0, rows, cols, &data).is_err(),
+        "plain q8_0 needs whole blocks"
+    );
+    for isa in isas() {
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * padded]);
+        ragged.dequantize_rows_isa(isa, 0, rows, &mut a);
+        full.dequantize_rows_isa(isa, 0, rows, &mut b);
+        for (a, b) in a.chunks_exact(cols).zip(b.chunks_exact(padded)) {
+            assert_eq!(a, &b[..cols], "{isa:?}");
+        }
+        for m in [1, 3, 8, 17] {
+            let x = test_data(m * cols, 94 + m as u64);
+            let mut x_wide = vec![0f32; m * padded];
+            for (w, d) in x_wide.chunks_exact_mut(padded).zip(x.chunks_exact(cols)) {
+                w[..cols].copy_from_slice(d);
+            }
+            let (mut y, mut y_wide) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
+            ragged.matmul_isa(isa, &x, m, &mut y);
+            full.matmul_isa(isa, &x_wide, m, &mut y_wide);
+            assert_eq!(y, y_wide, "{isa:?} m = {m}");
+        }
+    }
+}
