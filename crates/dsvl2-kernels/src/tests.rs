@@ -324,6 +324,31 @@ fn quantized_activations_do_not_depend_on_the_row_count() {
     assert!(QuantizedActs::new(&[], 5, 0).q.is_empty());
 }
 
+/// The activation quantizer compiled for each kernel set gives the portable build's bytes (every step
+/// is exact or correctly rounded), including rounding ties, zero blocks and a partial last block.
+#[test]
+fn quantized_activations_are_the_same_on_every_kernel_set() {
+    let (m, cols) = (5, 300);
+    let mut x = test_data(m * cols, 73);
+    x[..32].fill(0.0);
+    x[40] = 127.0; // scale 1: the block's other values land on ties
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        if i != 8 {
+            *v = i as f32 - 15.5;
+        }
+    }
+    let want = QuantizedActs::new_isa(Isa::Scalar, &x, m, cols);
+    for isa in isas() {
+        let got = QuantizedActs::new_isa(isa, &x, m, cols);
+        assert_eq!((got.cols, got.stride), (want.cols, want.stride));
+        assert_eq!(got.q, want.q, "{isa:?}");
+        assert_eq!(got.bias_sum, want.bias_sum, "{isa:?}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.d), bits(&want.d), "{isa:?}");
+        assert_eq!(bits(&got.sum), bits(&want.sum), "{isa:?}");
+    }
+}
+
 /// Every large-product backend the build has (the `gemm` crate, and OpenBLAS when linked) against
 /// f64, with plain and transposed operands, a strided output, and products split by rows, by
 /// columns, or not at all. The shapes pass OpenBLAS's size gate (k, n ≥ 128). Measured worst: 3.2e-7

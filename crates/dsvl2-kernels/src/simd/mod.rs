@@ -119,6 +119,21 @@ macro_rules! generic_kernels {
             crate::attention::softmax_rows::<true>(scores, cols, causal_past, sums)
         }
 
+        /// [`crate::quant::quantize_act_row`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn quantize_act_row(
+            x: &[f32],
+            q: &mut [i8],
+            d: &mut [f32],
+            sum: &mut [f32],
+            bias_sum: &mut [i32],
+        ) {
+            crate::quant::quantize_act_row(x, q, d, sum, bias_sum)
+        }
+
         /// [`crate::math::bias_activation`] compiled for this module's instruction set.
         ///
         /// # Safety
