@@ -93,7 +93,8 @@ fn load_config(rows: usize) {
 }
 
 /// `y[i · y_stride + k]` for the `m` activation rows and the `nrows` weight rows of `w` (q8_0_r16
-/// groups): 16 activation rows at a time, then the rest (the tiles are configured for each size).
+/// groups), 16 activation rows at a time (the tiles are configured again whenever the count changes:
+/// at most twice per group, for the last, partial tile and back).
 ///
 /// # Safety
 /// AMX-INT8 must be [`available`] and AVX-512 F/BW/VL and F16C detected; `w` must hold `nrows / 16`
@@ -107,28 +108,23 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y: *mut f32,
     y_stride: usize,
 ) {
-    let group_bytes = acts.cols / QK8_0 * Q8_0R16_GROUP_BYTES;
-    let (full, tail) = (m / 16 * 16, m % 16);
-    for (first, rows) in [(0, 16), (full, tail)] {
-        if rows == 0 || first + rows > m {
-            continue; // no full tile (m < 16), or no partial one
+    let mut configured = 0;
+    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, first, out| {
+        let rows = (m - first).min(16);
+        if rows != configured {
+            load_config(rows);
+            configured = rows;
         }
-        load_config(rows);
-        for g in 0..nrows / R16 {
-            let group = w.as_ptr().add(g * group_bytes);
-            let mut i = first;
-            while i + rows <= m {
-                let out = y.add(i * y_stride + g * R16);
-                if rows > 8 {
-                    tile::<16>(group, acts, i, rows, out, y_stride);
-                } else {
-                    tile::<8>(group, acts, i, rows, out, y_stride);
-                }
-                i += rows;
-            }
+        if rows > 8 {
+            tile::<16>(group, acts, first, rows, out, y_stride);
+        } else {
+            tile::<8>(group, acts, first, rows, out, y_stride);
         }
+        rows
+    });
+    if configured != 0 {
+        asm!("tilerelease", options(nostack, nomem));
     }
-    asm!("tilerelease", options(nostack, nomem));
 }
 
 /// One group's 16 weight rows against activation rows `first..first + rows` (`rows <= ROWS`, the
