@@ -16,8 +16,8 @@ pub(crate) enum Isa {
     /// 512-bit `vpdpbusd`; everything else runs the AVX2 kernels.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// The AVX-512 set plus AMX-INT8 with the OS's leave to use it: the q8_0_r16 products of 4 or more
-    /// activation rows (prompts, the vision tower, decoding batches) run on the tile multiplier
+    /// The AVX-512 set plus AMX-INT8 with the OS's leave to use it: the q8_0_r16 products of 8 or more
+    /// activation rows (prompts, the vision tower, decoding batches of 8) run on the tile multiplier
     /// (`simd::amx`); everything else as [`Isa::Avx512`].
     #[cfg(target_arch = "x86_64")]
     Amx,

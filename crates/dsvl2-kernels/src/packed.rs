@@ -285,7 +285,7 @@ impl PackedMatrix {
         let (cols, padded) = (self.cols, Format::Q8_0R16.padded_cols(self.cols));
         let group_bytes = Format::Q8_0R16.bytes_for(R16, cols);
         let mut plain = vec![0u8; group_bytes];
-        let mut rows = vec![0f32; if padded > cols { R16 * padded } else { 0 }];
+        let mut whole_rows = vec![0f32; if padded > cols { R16 * padded } else { 0 }];
         let mut done = 0;
         while done < n {
             let row = start + done;
@@ -298,9 +298,9 @@ impl PackedMatrix {
             if padded == cols {
                 isa.decode(Format::Q8_0, plain, out);
             } else {
-                let rows = &mut rows[..count * padded];
-                isa.decode(Format::Q8_0, plain, rows);
-                for (out, row) in out.chunks_exact_mut(cols).zip(rows.chunks_exact(padded)) {
+                let whole_rows = &mut whole_rows[..count * padded];
+                isa.decode(Format::Q8_0, plain, whole_rows);
+                for (out, row) in out.chunks_exact_mut(cols).zip(whole_rows.chunks_exact(padded)) {
                     out.copy_from_slice(&row[..cols]);
                 }
             }

@@ -44,6 +44,7 @@ pub fn linear_format(requested: Format, cols: usize) -> Format {
 pub fn storage_format(name: &str, shape: &[usize], requested: Format) -> Format {
     if is_linear_weight(name, shape) {
         let format = linear_format(requested, shape[1]);
+        // q8_0, also where only the width kept it from plain q8_0 (f16 is then the fallback).
         let eight_bit =
             format == Format::Q8_0 || (format == Format::F16 && matches!(requested, Format::Q8_0 | Format::Q4K));
         if eight_bit && Format::Q8_0R16.supports_rows(shape[0]) {

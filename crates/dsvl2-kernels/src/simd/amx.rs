@@ -33,7 +33,8 @@ pub(crate) fn available() -> bool {
     if !(amx_tile && amx_int8 && std::arch::is_x86_feature_detected!("xsave")) {
         return false;
     }
-    // SAFETY: XSAVE (hence XGETBV) was detected; OSXSAVE is implied by the detection above.
+    // SAFETY: XSAVE was detected, and the OS enables XGETBV (OSXSAVE): `Isa::available` only asks
+    // after detecting AVX-512, which needs the OS's XSAVE support.
     let xcr0 = unsafe { xcr0() };
     if xcr0 & (0b11 << 17) != 0b11 << 17 {
         return false;
@@ -77,7 +78,10 @@ struct TileConfig {
 
 /// Tiles for `rows` activation rows: 0 holds the dot products (`rows` x 16 i32), 1 the activations'
 /// block (`rows` x 32 bytes), 2 the group's block of weights (8 x 64 bytes).
-fn load_config(rows: usize) {
+///
+/// # Safety
+/// AMX must be [`available`].
+unsafe fn load_config(rows: usize) {
     let mut c = TileConfig {
         palette: 1,
         start_row: 0,
@@ -88,7 +92,8 @@ fn load_config(rows: usize) {
     (c.rows[0], c.colsb[0]) = (rows as u8, 64);
     (c.rows[1], c.colsb[1]) = (rows as u8, 32);
     (c.rows[2], c.colsb[2]) = (8, 64);
-    // SAFETY: the caller checked AMX is available; the configuration is valid (rows <= 16, colsb <= 64).
+    // SAFETY: AMX is available (the caller's contract); the configuration is valid (rows <= 16, colsb
+    // <= 64).
     unsafe { asm!("ldtilecfg [{}]", in(reg) &c as *const TileConfig, options(nostack, readonly)) };
 }
 
