@@ -85,7 +85,7 @@ impl Linear {
             candle_core::bail!("linear layer with {in_dim} inputs applied to a tensor of shape {dims:?}");
         }
         let rows = x.elem_count() / in_dim;
-        let mut y = vec![0f32; rows * self.out_dim()];
+        let mut y = zeros(rows * self.out_dim());
         with_f32_slice(x, |input| self.weight.matmul(input, rows, &mut y))?;
         dsvl2_kernels::bias_activation(&mut y, self.bias.as_deref(), activation == Activation::GeluTanh);
         let mut out_dims = dims.to_vec();
@@ -106,6 +106,22 @@ pub enum Activation {
     None,
     /// GELU, tanh approximation (SigLIP's MLP); see [`dsvl2_kernels::bias_activation`].
     GeluTanh,
+}
+
+/// Values from which [`zeros`] writes its zeros on all threads.
+const PARALLEL_ZEROS: usize = 1 << 20;
+
+/// `n` zeros: an output buffer for the kernels. `vec![0f32; n]` lets the allocator clear reused
+/// memory with one `memset` on the calling thread; the vision tower's outputs are tens of megabytes
+/// per layer (fc1: 5 tiles x 729 tokens x 4304 values, 63 MB), so there all threads write them.
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if n < PARALLEL_ZEROS {
+        return vec![0f32; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v
 }
 
 /// Runs `f` on the values of `x` as a row-major f32 slice, borrowing the tensor's own storage

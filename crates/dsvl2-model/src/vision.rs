@@ -7,7 +7,7 @@ use dsvl2_config::VisionConfig;
 
 use dsvl2_kernels::{prefill_attention, Format, HeadRows, PrefillShape};
 
-use crate::linear::{with_f32_slice, Activation, Linear};
+use crate::linear::{with_f32_slice, zeros, Activation, Linear};
 use crate::norm::LayerNorm;
 use crate::{ModelError, Weights};
 
@@ -116,7 +116,7 @@ impl VisionTower {
         let (n, t, width) = x.dims3()?;
         let hd = width / self.heads;
         let qkv = block.qkv.forward(x)?; // [n, t, 3 * width]: q, k, v of each token, heads inside
-        let mut out = vec![0f32; n * t * width];
+        let mut out = zeros(n * t * width);
         let shape = PrefillShape {
             heads: self.heads,
             kv_heads: self.heads,
