@@ -28,17 +28,11 @@ fn parallelism() -> gemm::Parallelism {
 
 /// Whether [`gemm_strided`] goes to OpenBLAS: the build has it, `DSVL2_GEMM` is not `gemm` (which
 /// keeps the `gemm` crate, to compare the two in one build), and OpenBLAS's kernels suit the CPU
-/// (see [`crate::blas`]).
+/// (see [`crate::blas`]). Only in builds with OpenBLAS.
+#[cfg(dsvl2_openblas)]
 pub(crate) fn use_blas() -> bool {
-    #[cfg(dsvl2_openblas)]
-    {
-        static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *USE.get_or_init(|| {
-            std::env::var("DSVL2_GEMM").map_or(true, |v| v != "gemm") && crate::blas::kernels_suit_cpu()
-        })
-    }
-    #[cfg(not(dsvl2_openblas))]
-    false
+    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| std::env::var("DSVL2_GEMM").map_or(true, |v| v != "gemm") && crate::blas::kernels_suit_cpu())
 }
 
 /// A matrix operand of [`gemm_strided`]: element `(row, col)` is at `ptr + row · row_stride + col · col_stride`.
