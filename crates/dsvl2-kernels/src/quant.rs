@@ -298,13 +298,14 @@ pub(crate) struct QuantizedActs {
 const PARALLEL_QUANTIZE_VALUES: usize = 64 * 1024;
 
 impl QuantizedActs {
+    /// `m` rows of `cols` values from `x`. Rows that end in a partial block (only for q8_0_r16
+    /// weights, whose rows are padded the same way) are stored padded with zeros: `self.cols` is then
+    /// `cols` rounded up to whole blocks.
     pub(crate) fn new(x: &[f32], m: usize, cols: usize) -> Self {
         Self::new_isa(crate::isa::Isa::detect(), x, m, cols)
     }
 
-    /// `m` rows of `cols` values from `x`. Rows that end in a partial block (only for q8_0_r16
-    /// weights, whose rows are padded the same way) are stored padded with zeros: `self.cols` is then
-    /// `cols` rounded up to whole blocks.
+    /// [`Self::new`] with the quantizer compiled for `isa`.
     pub(crate) fn new_isa(isa: crate::isa::Isa, x: &[f32], m: usize, cols: usize) -> Self {
         assert!(x.len() == m * cols);
         let padded = cols.next_multiple_of(QK8_0);

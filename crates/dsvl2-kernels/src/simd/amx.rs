@@ -114,6 +114,7 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let mut configured = 0;
+    let mut dots = Dots([0; 16 * R16]);
     super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, first, out| {
         let rows = (m - first).min(16);
         if rows != configured {
@@ -121,9 +122,9 @@ pub(crate) unsafe fn gemv_q8_0_r16(
             configured = rows;
         }
         if rows > 8 {
-            tile::<16>(group, acts, first, rows, out, y_stride);
+            tile::<16>(group, acts, first, rows, out, y_stride, &mut dots);
         } else {
-            tile::<8>(group, acts, first, rows, out, y_stride);
+            tile::<8>(group, acts, first, rows, out, y_stride, &mut dots);
         }
         rows
     });
@@ -132,9 +133,14 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     }
 }
 
+/// One block's integer dot products of up to 16 activation rows with a group's 16 weight rows (row
+/// `r` at `[16r..16r + 16]`), as `tilestored` leaves them. One per call, reused by all its tiles.
+#[repr(C, align(64))]
+struct Dots([i32; 16 * R16]);
+
 /// One group's 16 weight rows against activation rows `first..first + rows` (`rows <= ROWS`, the
 /// configured tile rows). `ROWS` is the size of the f32 epilogue (8 or 16 registers); rows past
-/// `rows` are computed from stale values and not stored.
+/// `rows` are computed from stale values in `dots` and not stored.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn tile<const ROWS: usize>(
@@ -144,10 +150,8 @@ unsafe fn tile<const ROWS: usize>(
     rows: usize,
     y: *mut f32,
     y_stride: usize,
+    dots: &mut Dots,
 ) {
-    #[repr(C, align(64))]
-    struct Dots([i32; 16 * R16]);
-    let mut dots = Dots([0; 16 * R16]);
     let nb = acts.cols / QK8_0;
     let xq = acts.q.as_ptr().add(first * acts.cols);
     // Scales of the tile's rows; rows past `rows` read the last one (their results are dropped).
