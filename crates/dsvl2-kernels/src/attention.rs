@@ -197,12 +197,16 @@ pub(crate) fn decode_attention_batch_isa<T: CacheValue>(
         let chunk = c.len.div_ceil(4 * threads).max(min_rows);
         tasks.extend((0..c.len.div_ceil(chunk)).map(|k| (i, k * chunk..((k + 1) * chunk).min(c.len))));
     }
-    let partials: Vec<Partial> = tasks
-        .par_iter()
-        .map(|(i, positions)| {
-            let c = &calls[*i];
-            isa.attend_positions(c.q, c.keys, c.values, c.scales, positions.clone(), s)
-        })
+    let partials: Vec<std::sync::OnceLock<Partial>> = tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
+    crate::for_each_task(tasks.len(), |t| {
+        let (i, positions) = &tasks[t];
+        let c = &calls[*i];
+        let partial = isa.attend_positions(c.q, c.keys, c.values, c.scales, positions.clone(), s);
+        let _ = partials[t].set(partial);
+    });
+    let partials: Vec<Partial> = partials
+        .into_iter()
+        .map(|p| p.into_inner().expect("every task ran"))
         .collect();
     let mut first = 0;
     for (i, c) in calls.iter_mut().enumerate() {

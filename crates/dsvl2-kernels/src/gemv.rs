@@ -27,9 +27,9 @@ pub(crate) fn max_m(format: Format) -> usize {
     }
 }
 
-/// Rows per task: enough tasks for load balancing (work stealing evens out the rest), but each task
-/// streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small. Whole row groups
-/// (q8_0_r16: 16 rows).
+/// Rows per task: enough tasks for load balancing (threads claim the next task as they finish one),
+/// but each task streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small.
+/// Whole row groups (q8_0_r16: 16 rows).
 fn rows_per_task(w: &PackedMatrix) -> usize {
     let (rows, row_bytes, group) = (w.rows(), w.row_bytes(), w.format().row_group());
     let threads = rayon::current_num_threads().max(1);
@@ -107,7 +107,7 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
     let acts = Acts::new(w.format(), x, m, w.cols());
     let chunk = rows_per_task(w);
     let out = OutPtr::new(y);
-    (0..w.rows().div_ceil(chunk)).into_par_iter().for_each(|c| {
+    crate::for_each_task(w.rows().div_ceil(chunk), |c| {
         let r0 = c * chunk;
         // SAFETY: y has m * rows elements (checked by the caller); tasks own disjoint row ranges.
         unsafe { gemv_rows(isa, w, &acts, m, r0..(r0 + chunk).min(w.rows()), out) }
@@ -172,7 +172,8 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
             });
         }
     }
-    tasks.par_iter().for_each(|t| {
+    crate::for_each_task(tasks.len(), |i| {
+        let t = &tasks[i];
         // SAFETY: each job's y was checked to hold m * rows values, jobs hold distinct &mut buffers and
         // the chunks of one job are disjoint.
         unsafe { gemv_rows(isa, t.w, &acts[t.acts], t.m, t.rows.clone(), t.y) }

@@ -21,6 +21,7 @@ mod gemv;
 mod isa;
 mod math;
 mod packed;
+mod pool;
 mod quant;
 mod scalar;
 mod simd;
@@ -34,6 +35,7 @@ pub use attention::{
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};
 pub use packed::{PackedMatrix, SharedBytes};
+pub use pool::{for_each_task, on_worker};
 
 /// A raw output pointer shared by parallel tasks that each write a disjoint set of its elements (GEMV
 /// row chunks, attention heads); every use says which elements are its own.
@@ -136,19 +138,4 @@ pub fn openblas_coretype_fix() -> Option<&'static str> {
 /// `"avx2+fma+f16c"` or `"scalar"`.
 pub fn cpu_features() -> &'static str {
     isa::Isa::detect().name()
-}
-
-/// Runs `f` on a worker thread of rayon's global pool (at once, if the caller is one), waiting for it.
-///
-/// Every kernel here splits its work with rayon. Called from a thread outside the pool, each such
-/// split is handed to the pool while the caller sleeps on a condition variable until it is done: two
-/// thread switches per kernel, and one decoding step runs about a hundred kernels. From a worker, the
-/// split is pushed onto the worker's own queue, the other workers (still spinning between kernels)
-/// take their share, and nobody sleeps. Wrap whole model calls in this (a decoding step, a prompt).
-pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
-    }
 }
