@@ -27,9 +27,9 @@ pub(crate) fn max_m(format: Format) -> usize {
     }
 }
 
-/// Rows per task: enough tasks for load balancing (threads claim the next task as they finish one),
-/// but each task streams at least ~32 KiB of weights so the per-task overhead (~1 µs) stays small.
-/// Whole row groups (q8_0_r16: 16 rows).
+/// Rows per task: enough tasks for load balancing (a thread done with its share of the tasks takes
+/// the others' last ones), but each task streams at least ~32 KiB of weights so the per-task overhead
+/// (~1 µs) stays small. Whole row groups (q8_0_r16: 16 rows).
 fn rows_per_task(w: &PackedMatrix) -> usize {
     let (rows, row_bytes, group) = (w.rows(), w.row_bytes(), w.format().row_group());
     let threads = rayon::current_num_threads().max(1);

@@ -7,8 +7,9 @@
 //! polling for the length of a model call, and [`for_each_task`] waits for a kernel's last tasks by
 //! spinning. Measured (tiny, q8_0 GGUF, 2 threads, `perf stat`): 256 decoding steps after a short
 //! prompt took 27 600 context switches before, 1 600 after; `dsvl2 bench` (1039-token prompt, 128
-//! new tokens, i8 cache, 3 interleaved runs each) decoded 34.0-35.8 tok/s at batch 1 before and
-//! 40.0-40.7 after, 142-152 tok/s at batch 8 before and 161-163 after.
+//! new tokens, i8 cache, 3 interleaved runs each, twice on different hours) decoded 31.5-31.6 and
+//! 34.0-35.8 tok/s at batch 1 before, 35.1-36.3 and 40.0-40.7 after; batch 8, 134-136 and 142-152
+//! before, 152-155 and 161-163 after.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,8 +21,10 @@ use std::time::{Duration, Instant};
 /// caller sleeps on a condition variable: two thread switches per kernel. On a worker, the split is
 /// pushed onto its own queue for the others to take, and the other workers poll for work
 /// ([`rayon::yield_now`], which runs what it finds) until `f` returns, or until they found nothing for
-/// [`KEEP_AWAKE_PATIENCE`] (a long serial stretch in `f`). Wrap whole model calls in this (a decoding
-/// step, a prompt), not work that waits for something other than the pool.
+/// [`KEEP_AWAKE_PATIENCE`] (a long serial stretch in `f`). The call returns once every worker has
+/// taken its job: a worker busy with a long job from elsewhere delays the return by what that job has
+/// left (dsvl2's model calls come from one engine thread, one at a time). Wrap whole model calls in
+/// this (a decoding step, a prompt), not work that waits for something other than the pool.
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
@@ -87,11 +90,11 @@ impl Drop for SetOnDrop<'_> {
 /// prefetchers follow across tasks; a thread done with its share takes the others' last tasks.
 /// (Handing out indices from one shared counter interleaved the threads' tasks: summing 1 GiB in
 /// 2 MiB pages as 152 KiB tasks ran at 30-31 GB/s that way, 35 GB/s this way, as fast as rayon's
-/// splits, against 36-38 GB/s for one half per thread.) The
-/// caller, once nothing is left, spins until the tasks the others took are done instead of parking
-/// as rayon's `join` would: so the threads that [`on_worker`] keeps awake take their share at once,
-/// and nobody needs waking at the end. Tasks should be short (microseconds to a millisecond).
-/// Outside the pool (or with one thread) this is rayon's `for_each`.
+/// splits, against 36-38 GB/s for one half per thread.) The caller, once nothing is left, spins until
+/// the tasks the others took are done instead of parking as rayon's `join` would: so the threads that
+/// [`on_worker`] keeps awake take their share at once, and nobody needs waking at the end. Tasks
+/// should be short (microseconds to a millisecond). Outside the pool (or with one thread) this is
+/// rayon's `for_each`.
 pub fn for_each_task(n: usize, task: impl Fn(usize) + Sync) {
     use rayon::prelude::*;
     let threads = rayon::current_num_threads();
