@@ -42,14 +42,18 @@ fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-/// How far ahead of its reads a q8_0_r16 GEMV tile prefetches into L2: 8 block columns, ~4 KiB. A
-/// group's rows are contiguous, so this runs on into the next group. Tiny's decode weight stream
-/// (`kernel_bench -- decode`, three interleaved rounds, Sapphire Rapids 2 vCPU), ms per token
-/// against `prefetcht0` 4 block columns ahead: batch 1 24.5-24.8 -> 23.6-24.1, batch 8 38.4-39.9
-/// -> 34.8-35.3; 16, 32 and 64 block columns ahead measured the same as 8, no prefetch at all
-/// 25.8-26.6 and 50-55, `prefetchnta` worse still. The AVX2 kernels (`DSVL2_KERNELS=avx2`) measured
-/// the same with either (two interleaved rounds).
-pub(crate) const R16_PREFETCH_AHEAD: usize = 8 * crate::format::Q8_0R16_GROUP_BYTES;
+/// How far ahead of its reads a q8_0_r16 GEMV tile prefetches into L2: 16 block columns, ~8.5 KiB
+/// (two 4 KiB pages: a software prefetch also walks the page tables, which the hardware prefetchers
+/// stop at). A group's rows are contiguous, so this runs on into the next group. Tiny's decode
+/// weight stream (`kernel_bench -- decode`, three interleaved rounds, Sapphire Rapids 2 vCPU), ms per
+/// token against `prefetcht0` 4 block columns ahead: batch 1 24.5-24.8 -> 23.6-24.1, batch 8
+/// 38.4-39.9 -> 34.8-35.3 (8 block columns ahead), and 16, 32 or 64 the same as 8 there; no prefetch
+/// at all 25.8-26.6 and 50-55, `prefetchnta` worse still. In the whole model reading a mapped GGUF
+/// file (4 KiB pages), 16 beat 8: `dsvl2 bench` batch 1, short prompt, 35.8-36.8 -> 37.1-38.2 tok/s
+/// (five interleaved pairs, each faster), after the 1039-token image prompt 34.6/35.1 -> 35.8/36.8
+/// (two pairs); from 2 MiB pages (`--no-mmap`) 43.5-43.8 -> 44.0-44.6. The AVX2 kernels
+/// (`DSVL2_KERNELS=avx2`) measured the same with `prefetcht0` or `prefetcht1` (two interleaved rounds).
+pub(crate) const R16_PREFETCH_AHEAD: usize = 16 * crate::format::Q8_0R16_GROUP_BYTES;
 
 /// The loops around the q8_0_r16 GEMV tiles: for each group of 16 weight rows in `w` (`nrows` rows of
 /// `acts.cols` values), `tile(group, first, out)` takes activation rows from `first` on (as many as
