@@ -455,6 +455,10 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     let (n, group) = (positions.len(), s.heads / s.kv_heads);
     let (key_width, value_width) = (s.kv_heads * s.key_dim, s.kv_heads * s.value_dim);
     let mut buf = vec![0f32; key_width.max(value_width)];
+    // An 8-bit cache's scales (of key/value head `h / group` at position `j`) are applied to the
+    // scores rather than in the row kernels: the keys' to the dot products, the values' to the rows'
+    // weights (after the softmax's sums). Without scales, 1.0 (exact).
+    let (key_scales, value_scales) = (scales.map(|sc| sc.keys), scales.map(|sc| sc.values));
     // scores[h * n + i]: head h, position positions.start + i.
     let mut scores = vec![0f32; s.heads * n];
     for (i, j) in positions.clone().enumerate() {
@@ -465,28 +469,22 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
         if f16c {
             for h in 0..s.heads {
                 let k = &keys[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
-                scores[h * n + i] = T::simd_dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
+                let dot = T::simd_dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k);
+                scores[h * n + i] = dot * s.scale * row_scale(key_scales, j, h / group, s.kv_heads);
             }
             continue;
         }
         let row = T::widen(keys, &mut buf, f16c);
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
-            scores[h * n + i] = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k) * s.scale;
+            let dot = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k);
+            scores[h * n + i] = dot * s.scale * row_scale(key_scales, j, h / group, s.kv_heads);
         }
-    }
-    // An 8-bit cache's scales, applied to the scores rather than in the row kernels: the keys' to
-    // the dot products, the values' to the weights of the rows (after the softmax's sums).
-    if let Some(scales) = scales {
-        scale_scores(&mut scores, scales.keys, &positions, s);
     }
     let mut max = vec![f32::NEG_INFINITY; s.heads];
     let mut sum = vec![0f32; s.heads];
     for h in 0..s.heads {
         (max[h], sum[h]) = crate::math::exp_shifted_in_place::<FMA>(&mut scores[h * n..(h + 1) * n]);
-    }
-    if let Some(scales) = scales {
-        scale_scores(&mut scores, scales.values, &positions, s);
     }
     // Values four positions at a time: each head's accumulator row is loaded and stored once per
     // four rows instead of once per row (that traffic was most of this loop's work).
@@ -514,9 +512,15 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
                     &rows[2][offset..][..s.value_dim],
                     &rows[3][offset..][..s.value_dim],
                 ];
-                let p = &scores[h * n + i..h * n + i + 4];
+                let p = row_weights(
+                    &scores[h * n + i..h * n + i + 4],
+                    value_scales,
+                    j,
+                    h / group,
+                    s.kv_heads,
+                );
                 let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
-                T::simd_axpy4::<L>(acc, [p[0], p[1], p[2], p[3]], v);
+                T::simd_axpy4::<L>(acc, p, v);
             }
             i += 4;
             continue;
@@ -534,8 +538,13 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
             // and `from_fn` closures here were left as calls (perf).
             let (v0, v1) = (&rows[0][offset..][..s.value_dim], &rows[1][offset..][..s.value_dim]);
             let (v2, v3) = (&rows[2][offset..][..s.value_dim], &rows[3][offset..][..s.value_dim]);
-            let p = &scores[h * n + i..h * n + i + 4];
-            let (p0, p1, p2, p3) = (p[0], p[1], p[2], p[3]);
+            let [p0, p1, p2, p3] = row_weights(
+                &scores[h * n + i..h * n + i + 4],
+                value_scales,
+                j,
+                h / group,
+                s.kv_heads,
+            );
             let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
             for d in 0..s.value_dim {
                 acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
@@ -547,7 +556,7 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
         let row = value_row(values, start + i, s, &mut bufs[0], f16c);
         for h in 0..s.heads {
             let v = &row[(h / group) * s.value_dim..(h / group + 1) * s.value_dim];
-            let p = scores[h * n + i];
+            let p = scores[h * n + i] * row_scale(value_scales, start + i, h / group, s.kv_heads);
             let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
             acc.iter_mut().zip(v).for_each(|(a, v)| *a += p * v);
         }
@@ -555,16 +564,21 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     Partial { max, sum, acc }
 }
 
-/// `scores[h * n + i] *= scales[j * kv_heads + g]` for position `j = positions.start + i` and the
-/// key/value head `g` that query head `h` reads.
-fn scale_scores(scores: &mut [f32], scales: &[f32], positions: &std::ops::Range<usize>, s: &AttentionShape) {
-    let (n, group) = (positions.len(), s.heads / s.kv_heads);
-    for (h, row) in scores.chunks_exact_mut(n).enumerate() {
-        let g = h / group;
-        for (score, j) in row.iter_mut().zip(positions.clone()) {
-            *score *= scales[j * s.kv_heads + g];
-        }
-    }
+/// The scale of key/value head `g` at position `j` in an 8-bit cache's `scales`; 1.0 (exact) without.
+#[inline(always)]
+fn row_scale(scales: Option<&[f32]>, j: usize, g: usize, kv_heads: usize) -> f32 {
+    scales.map_or(1.0, |scales| scales[j * kv_heads + g])
+}
+
+/// The weights of value rows `j..j + 4` (head `g`): the softmax's `p`, times the rows' scales.
+#[inline(always)]
+fn row_weights(p: &[f32], scales: Option<&[f32]>, j: usize, g: usize, kv_heads: usize) -> [f32; 4] {
+    [
+        p[0] * row_scale(scales, j, g, kv_heads),
+        p[1] * row_scale(scales, j + 1, g, kv_heads),
+        p[2] * row_scale(scales, j + 2, g, kv_heads),
+        p[3] * row_scale(scales, j + 3, g, kv_heads),
+    ]
 }
 
 /// The values of position `j` as f32 (widened into `buf` if need be), with those four positions
