@@ -1,9 +1,10 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention]`
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention|stream]`
 //! (`gemv`: only the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM
 //! table, `attention`: only decode attention over f16 and i8 caches, `decode`: the weight products of
 //! one decoded token of tiny, as the model dispatches them, `vision-attention`: the vision tower's
-//! attention over one tile).
+//! attention over one tile, `stream`: summing 1 GiB in 4 KiB and in 2 MiB pages, split as the
+//! kernels split their work).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -177,6 +178,10 @@ fn main() {
     }
     if std::env::args().any(|a| a == "vision-attention") {
         vision_attention(reps);
+        return;
+    }
+    if std::env::args().any(|a| a == "stream") {
+        stream_table();
         return;
     }
     println!(
@@ -607,4 +612,119 @@ fn vision_attention(reps: usize) {
             flops / t / 1e9 / p
         ))
     );
+}
+
+/// Memory read bandwidth by page size and by how the work is split: 1 GiB of u64 summed with AVX2
+/// loads (as `dsvl2 bench`'s probe), as one half per thread, and as `for_each_task` and rayon's
+/// `for_each` split it into tasks of a few sizes, from 4 KiB pages and from memory advised for
+/// 2 MiB pages (Linux transparent huge pages). Best of 5 passes.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn stream_table() {
+    const BYTES: usize = 1 << 30;
+    let words = BYTES / 8;
+    println!("\n== streaming sum of 1 GiB, GB/s (best of 5) ==");
+    println!("{:<8} {:>8} {:>14} {:>8}", "pages", "split", "for_each_task", "rayon");
+    for huge in [false, true] {
+        let layout = std::alloc::Layout::from_size_align(BYTES, 2 << 20).expect("valid layout");
+        // SAFETY: a non-zero size; freed below with the same layout. Not `alloc_zeroed`: with this
+        // alignment it writes every page, which then stay 4 KiB pages whatever the advice.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null(), "cannot allocate 1 GiB");
+        if huge {
+            // SAFETY: the range is this allocation; madvise only changes how it is backed.
+            let advised = unsafe { libc::madvise(ptr as *mut libc::c_void, BYTES, libc::MADV_HUGEPAGE) };
+            assert_eq!(advised, 0, "madvise(MADV_HUGEPAGE) failed");
+        }
+        // Written once before it is read (the first touch decides the page size).
+        // SAFETY: `ptr` holds BYTES bytes aligned for u64, owned here until dealloc; `write` does not
+        // read the uninitialised values.
+        let uninit = unsafe { std::slice::from_raw_parts_mut(ptr as *mut std::mem::MaybeUninit<u64>, words) };
+        uninit.par_chunks_mut(1 << 16).enumerate().for_each(|(c, part)| {
+            part.iter_mut().enumerate().for_each(|(i, x)| {
+                x.write((c ^ i) as u64);
+            })
+        });
+        // SAFETY: every value was written just above.
+        let data: &[u64] = unsafe { std::slice::from_raw_parts(ptr as *const u64, words) };
+        let pages = if huge { "2 MiB" } else { "4 KiB" };
+        let gbs = |secs: f64| BYTES as f64 / secs / 1e9;
+        let best = |f: &dyn Fn() -> u64| {
+            (0..5)
+                .map(|_| {
+                    let started = Instant::now();
+                    black_box(f());
+                    started.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let halves = best(&|| {
+            std::thread::scope(|s| {
+                let parts: Vec<_> = data
+                    .chunks(words.div_ceil(rayon::current_num_threads()))
+                    .map(|part| s.spawn(move || sum_words(part)))
+                    .collect();
+                parts
+                    .into_iter()
+                    .map(|h| h.join().expect("reader"))
+                    .fold(0, u64::wrapping_add)
+            })
+        });
+        println!("{pages:<8} {:>8} {:>14.1} {:>8}", "halves", gbs(halves), "");
+        for kib in [32usize, 152, 1024] {
+            let chunk = kib * 1024 / 8;
+            let tasks = words.div_ceil(chunk);
+            let sums: Vec<std::sync::atomic::AtomicU64> = (0..tasks).map(|_| Default::default()).collect();
+            let task = |t: usize| {
+                let part = &data[t * chunk..((t + 1) * chunk).min(words)];
+                sums[t].store(sum_words(part), std::sync::atomic::Ordering::Relaxed);
+            };
+            let claimed = best(&|| {
+                dsvl2_kernels::on_worker(|| dsvl2_kernels::for_each_task(tasks, task));
+                0
+            });
+            let split = best(&|| {
+                dsvl2_kernels::on_worker(|| (0..tasks).into_par_iter().for_each(task));
+                0
+            });
+            let name = format!("{kib} KiB");
+            println!("{pages:<8} {name:>8} {:>14.1} {:>8.1}", gbs(claimed), gbs(split));
+        }
+        // SAFETY: allocated above with this layout; `data` is not used past this point.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn stream_table() {
+    println!("the stream table needs x86-64 Linux (AVX2 loads, madvise)");
+}
+
+/// Wrapping sum of `words` with four 256-bit accumulators (AVX2 when available).
+#[cfg(target_arch = "x86_64")]
+fn sum_words(words: &[u64]) -> u64 {
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(words: &[u64]) -> u64 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let chunks = words.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            let p = c.as_ptr() as *const __m256i;
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: `c` holds 16 u64, four 32-byte vectors; unaligned loads.
+                *acc = _mm256_add_epi64(*acc, unsafe { _mm256_loadu_si256(p.add(k)) });
+            }
+        }
+        let mut lanes = [0u64; 16];
+        for (k, acc) in acc.iter().enumerate() {
+            // SAFETY: `lanes` has room for four 4-lane vectors.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().add(4 * k) as *mut __m256i, *acc) };
+        }
+        lanes.iter().chain(tail).fold(0u64, |s, &x| s.wrapping_add(x))
+    }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected at run time.
+        return unsafe { avx2(words) };
+    }
+    words.iter().fold(0u64, |s, &x| s.wrapping_add(x))
 }
