@@ -630,11 +630,16 @@ fn stream_table() {
         // alignment it writes every page, which then stay 4 KiB pages whatever the advice.
         let ptr = unsafe { std::alloc::alloc(layout) };
         assert!(!ptr.is_null(), "cannot allocate 1 GiB");
-        if huge {
-            // SAFETY: the range is this allocation; madvise only changes how it is backed.
-            let advised = unsafe { libc::madvise(ptr as *mut libc::c_void, BYTES, libc::MADV_HUGEPAGE) };
-            assert_eq!(advised, 0, "madvise(MADV_HUGEPAGE) failed");
-        }
+        // Asked for either way: with transparent huge pages set to `always`, unadvised memory would
+        // get 2 MiB pages too.
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: the range is this allocation; madvise only changes how it is backed.
+        let advised = unsafe { libc::madvise(ptr as *mut libc::c_void, BYTES, advice) };
+        assert_eq!(advised, 0, "madvise({advice}) failed");
         // Written once before it is read (the first touch decides the page size).
         // SAFETY: `ptr` holds BYTES bytes aligned for u64, owned here until dealloc; `write` does not
         // read the uninitialised values.

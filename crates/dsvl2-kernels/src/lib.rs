@@ -5,6 +5,8 @@
 //!   [`PackedMatrix::matmul`] computing `y = x · Wᵀ`: GEMV kernels for decoding (weights streamed once
 //!   for all activation rows), dequantized panels + `gemm` for prefill.
 //! * [`matmul_many`]: several small products in one parallel dispatch (MoE experts).
+//! * [`on_worker`] and [`for_each_task`]: how a model call and its kernels use rayon's threads
+//!   without waking them for every kernel (`pool.rs`).
 //! * [`decode_attention`]: one query row per head over a sequence's cache (f32, f16, or i8 with
 //!   [`decode_attention_i8`]), split over positions; [`prefill_attention`]: many query rows (the vision tower, prompts), heads in parallel.
 //!
