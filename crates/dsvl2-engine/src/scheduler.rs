@@ -6,6 +6,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use dsvl2_model::DeepseekVl2;
 use dsvl2_processor::Processor;
+use rayon::prelude::*;
 
 use crate::sequence::Sequence;
 use crate::{EngineConfig, EngineStats, Job};
@@ -84,9 +85,9 @@ fn step(model: &DeepseekVl2, config: &EngineConfig, running: &mut [Sequence]) {
             .and_then(|l| Ok(l.to_vec2::<f32>()?))
         {
             Ok(rows) => {
-                for (seq, row) in decoding.iter_mut().zip(rows) {
-                    seq.accept(row);
-                }
+                // Sampling with the hosted defaults costs ~0.4 ms per sequence (129280 scores through
+                // the penalty, temperature and top-k): the sequences take it in parallel.
+                decoding.par_iter_mut().zip(rows).for_each(|(seq, row)| seq.accept(row));
             }
             Err(e) => {
                 for seq in decoding.iter_mut() {
