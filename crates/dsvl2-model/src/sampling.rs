@@ -349,7 +349,7 @@ mod tests {
             let params = SamplingParams {
                 temperature: [0.1, 0.7, 1.0, 1.5][case % 4],
                 top_p: [0.9, 0.5, 0.99, 0.2, 1.0][case % 5],
-                top_k: [50, 5, 0, 1, 400][case % 5],
+                top_k: [50, 5, 0, 1, 400][(case / 5) % 5],
                 repetition_penalty: 1.1,
                 seed: case as u64,
             };

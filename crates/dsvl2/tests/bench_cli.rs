@@ -307,10 +307,16 @@ fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
     );
     let rates = report["decode_tokens_per_s"].as_object().unwrap();
     assert_eq!(rates.keys().collect::<Vec<_>>(), ["1", "2"]);
-    for rate in rates.values() {
+    let distinct = report["decode_distinct_tokens_per_s"].as_object().unwrap();
+    assert_eq!(
+        distinct.keys().collect::<Vec<_>>(),
+        ["2"],
+        "batch 1 has no distinct variant"
+    );
+    for rate in rates.values().chain(distinct.values()) {
         assert!(
             rate.as_f64().unwrap().is_finite() && rate.as_f64().unwrap() > 0.0,
-            "{rates:?}"
+            "{rates:?} {distinct:?}"
         );
     }
     // The stage times add up to the request; the process ran at least that long.

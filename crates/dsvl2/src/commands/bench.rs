@@ -1,6 +1,7 @@
 //! `dsvl2 bench`: one request through the whole pipeline (load, preprocess, vision, prefill,
 //! greedy decode of exactly N tokens, EOS ignored), then batched decoding from the same prefilled
-//! prompt, then the machine's limits (memory bandwidth, FMA peak) measured in the same process, and
+//! prompt (copies that decode the same tokens, then copies that sample their own), then the
+//! machine's limits (memory bandwidth, FMA peak) measured in the same process, and
 //! how close each stage comes to its limit.
 //!
 //! Order: all model timings first, then peak RSS is read, then the bandwidth probe (1 GiB buffer)
@@ -25,8 +26,9 @@ use std::time::Instant;
 use anyhow::Context;
 use dsvl2_config::ModelConfig;
 use dsvl2_model::sampling::argmax;
-use dsvl2_model::{check_context, DeepseekVl2, SequenceCache, Tensor};
+use dsvl2_model::{check_context, DeepseekVl2, Sampler, SamplingParams, SequenceCache, Tensor};
 use dsvl2_processor::Conversation;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::random_model::{checkpoint_tensors, Part};
@@ -93,8 +95,13 @@ pub struct Report {
     pub decode_tokens: usize,
     /// Batch-1 decode time of the `decode_tokens - 1` steps.
     pub decode_s: f64,
-    /// Aggregate tokens/s over the batch, keyed by batch size.
+    /// Aggregate tokens/s over the batch, keyed by batch size: B copies of the request decoding the
+    /// same tokens, so every step's tokens choose the same experts (the most a batch can share).
     pub decode_tokens_per_s: serde_json::Map<String, serde_json::Value>,
+    /// The same for B copies that sample with the hosted defaults, each with its own seed (see
+    /// `decode_batch`), so that, like different requests, each sequence picks its own experts: an
+    /// MoE step then reads the union of the sequences' experts (keyed by batch size, B > 1).
+    pub decode_distinct_tokens_per_s: serde_json::Map<String, serde_json::Value>,
     /// Weight bytes one batch-1 decode step reads (all but the routed experts not chosen).
     pub decode_bytes_per_token: u64,
     pub peak_rss_bytes: Option<u64>,
@@ -173,14 +180,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     drop(cache);
 
     let mut decode_tokens_per_s = serde_json::Map::new();
+    let mut decode_distinct_tokens_per_s = serde_json::Map::new();
     let batch1 = (n - 1) as f64 / decode_s.max(1e-9);
     for &b in &batches {
-        let rate = if b == 1 {
-            batch1
-        } else {
-            decode_batch(model, &prefilled, first, b, n)?
-        };
-        decode_tokens_per_s.insert(b.to_string(), rate.into());
+        if b == 1 {
+            decode_tokens_per_s.insert(b.to_string(), batch1.into());
+            continue;
+        }
+        let same = decode_batch(model, &prefilled, first, b, None, n)?;
+        decode_tokens_per_s.insert(b.to_string(), same.into());
+        let distinct = decode_batch(model, &prefilled, first, b, Some(&prepared.input_ids), n)?;
+        decode_distinct_tokens_per_s.insert(b.to_string(), distinct.into());
     }
     drop(prefilled);
     let peak_rss = peak_rss_bytes();
@@ -211,6 +221,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_tokens: n,
         decode_s,
         decode_tokens_per_s,
+        decode_distinct_tokens_per_s,
         decode_bytes_per_token,
         peak_rss_bytes: peak_rss,
         weight_bytes: model.weight_bytes(),
@@ -243,17 +254,37 @@ fn ratio(gflops: f64, seconds: f64, peak: f64) -> f64 {
     gflops / seconds / peak
 }
 
-/// Decodes `batch` copies of the prefilled request together for `n - 1` steps after the shared
-/// first token; returns aggregate tokens/s over the steps after the first batched one (steady
-/// state; with a single step, that step).
+/// Decodes `batch` copies of the prefilled request together for `n - 1` steps from `first`; returns
+/// aggregate tokens/s over the steps after the first batched one (steady state; with a single step,
+/// that step).
+///
+/// Without `sample_after` the copies decode greedily, so they all read the same tokens and choose
+/// the same experts. With it (the prompt's ids), copy `i` samples with the hosted defaults and seed
+/// `i`, as `serve` would run `batch` requests, and the copies' routes part as far as their tokens
+/// do. Measured on tiny with random weights, experts run per MoE layer and step at batch 8: the
+/// greedy copies 6; sampled copies after a short text prompt 17-30 (of 64), after the 5-tile image
+/// prompt only 6-10, as the random model keeps choosing the same few tokens there.
 fn decode_batch(
     model: &DeepseekVl2,
     prefilled: &SequenceCache,
     first: u32,
     batch: usize,
+    sample_after: Option<&[u32]>,
     n: usize,
 ) -> anyhow::Result<f64> {
     let mut caches = (0..batch).map(|_| prefilled.fork()).collect::<Result<Vec<_>, _>>()?;
+    let mut samplers: Vec<(Sampler, Vec<u32>)> = match sample_after {
+        Some(prompt) => (0..batch)
+            .map(|i| {
+                let params = SamplingParams {
+                    seed: i as u64,
+                    ..SamplingParams::default()
+                };
+                (Sampler::new(params), [prompt, &[first]].concat())
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let mut tokens = vec![first; batch];
     let steps = n - 1;
     let mut timed_from = Instant::now();
@@ -264,7 +295,20 @@ fn decode_batch(
         }
         let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
         let logits = model.step_batch(&tokens, &mut refs)?;
-        tokens = argmax_rows(&logits)?;
+        tokens = if samplers.is_empty() {
+            argmax_rows(&logits)?
+        } else {
+            // In parallel, as the engine's scheduler samples a batch.
+            samplers
+                .par_iter_mut()
+                .zip(logits.to_vec2::<f32>()?)
+                .map(|((sampler, seen), row)| {
+                    let token = sampler.next(row, seen);
+                    seen.push(token);
+                    token
+                })
+                .collect()
+        };
         if step >= 1 || steps == 1 {
             timed_steps += 1;
         }
@@ -392,6 +436,12 @@ fn table(r: &Report) -> String {
             format!("decode batch {b}"),
             format!("{:.2} tokens/s", rate.as_f64().unwrap_or(f64::NAN)),
         ));
+        if let Some(distinct) = r.decode_distinct_tokens_per_s.get(b) {
+            rows.push((
+                format!("decode batch {b}, distinct"),
+                format!("{:.2} tokens/s", distinct.as_f64().unwrap_or(f64::NAN)),
+            ));
+        }
     }
     rows.extend([
         ("request".into(), format!("{:.3} s", r.request_s)),
