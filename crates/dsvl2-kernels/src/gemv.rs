@@ -104,6 +104,10 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
     if m == 0 || w.rows() == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if uses_amx_bf16(isa, w, m) {
+        return amx_bf16_products(&[(w, x, m, OutPtr::new(y))]);
+    }
     let acts = Acts::new(w.format(), x, m, w.cols());
     let chunk = rows_per_task(w);
     let out = OutPtr::new(y);
@@ -111,6 +115,79 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
         let r0 = c * chunk;
         // SAFETY: y has m * rows elements (checked by the caller); tasks own disjoint row ranges.
         unsafe { gemv_rows(isa, w, &acts, m, r0..(r0 + chunk).min(w.rows()), out) }
+    });
+}
+
+/// Whether `w` times `m` activation rows goes to the AMX-BF16 kernel (`simd::amx_bf16`): q8_0_r16
+/// weights, enough rows, and a CPU that has it.
+#[cfg(target_arch = "x86_64")]
+fn uses_amx_bf16(isa: Isa, w: &PackedMatrix, m: usize) -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    isa == Isa::Amx
+        && w.format() == Format::Q8_0R16
+        && m >= crate::simd::amx_bf16::MIN_ROWS
+        && *AVAILABLE.get_or_init(crate::simd::amx_bf16::available)
+}
+
+/// Products through the AMX-BF16 kernel, `(weight, activations, rows, output)` each, in one parallel
+/// dispatch: the activations rounded to bf16 once per distinct input (in parallel), then tasks of a
+/// few row groups of one product, each widening its weights into a bf16 panel and multiplying it with
+/// all of that product's activation rows.
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16_products(products: &[(&PackedMatrix, &[f32], usize, OutPtr)]) {
+    use crate::simd::amx_bf16;
+    // Rows of whole blocks: a partial last block (SigLIP's fc2: 4304 inputs) is stored zero-padded,
+    // and the activations' padding columns are zero too.
+    let padded = |w: &PackedMatrix| w.cols().next_multiple_of(crate::format::QK8_0);
+    let mut inputs: Vec<(*const f32, usize, usize)> = Vec::new();
+    let which: Vec<usize> = products
+        .iter()
+        .map(|&(w, x, m, _)| {
+            let key = (x.as_ptr(), m, w.cols());
+            inputs.iter().position(|k| *k == key).unwrap_or_else(|| {
+                inputs.push(key);
+                inputs.len() - 1
+            })
+        })
+        .collect();
+    let mut rounded: Vec<Vec<u16>> = inputs
+        .iter()
+        .map(|&(_, m, k)| vec![0u16; amx_bf16::padded_rows(m) * k.next_multiple_of(crate::format::QK8_0)])
+        .collect();
+    for (i, buffer) in rounded.iter_mut().enumerate() {
+        let p = which.iter().position(|&w| w == i).expect("every input has a product");
+        let (w, x, m, _) = products[p];
+        let (k, padded_k) = (w.cols(), padded(w));
+        let rows_per_chunk = (64 * 1024 / k).max(1);
+        buffer[..m * padded_k]
+            .par_chunks_mut(rows_per_chunk * padded_k)
+            .zip(x[..m * k].par_chunks(rows_per_chunk * k))
+            .for_each(|(dst, src)| {
+                for (dst, src) in dst.chunks_exact_mut(padded_k).zip(src.chunks_exact(k)) {
+                    // SAFETY: uses_amx_bf16 checked the CPU (AMX-BF16 implies AVX-512 F/BW here).
+                    unsafe { amx_bf16::round_to_bf16(src, &mut dst[..k]) }
+                }
+            });
+    }
+    // Panels of at most ~512 KiB of bf16 (L2-resident while every activation row passes), in whole
+    // pairs of row groups.
+    let mut tasks = Vec::new();
+    for (p, &(w, ..)) in products.iter().enumerate() {
+        let chunk = ((256 * 1024 / padded(w)).max(32) / 32 * 32).min(w.rows().next_multiple_of(32));
+        tasks.extend(
+            (0..w.rows())
+                .step_by(chunk)
+                .map(|r0| (p, r0..(r0 + chunk).min(w.rows()))),
+        );
+    }
+    crate::for_each_task(tasks.len(), |t| {
+        let (p, rows) = &tasks[t];
+        let (w, _, m, y) = products[*p];
+        let bytes = w.row_range_bytes(rows.start, rows.len());
+        let acts = &rounded[which[*p]];
+        // SAFETY: as above; each y holds m * rows values (checked by the callers); tasks own disjoint
+        // rows of one product, and products have distinct outputs.
+        unsafe { amx_bf16::gemm_q8_0_r16(bytes, rows.len(), padded(w), acts, m, y.at(rows.start), w.rows()) }
     });
 }
 
@@ -142,10 +219,17 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
     let mut tasks = Vec::new();
     let mut acts = Vec::new();
     let mut act_keys = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    let mut amx_bf16 = Vec::new();
     for job in jobs.iter_mut() {
         job.weight.check_matmul_args(job.x, job.m, job.y);
         let w = job.weight;
         if job.m == 0 || w.rows() == 0 || job.m > max_m(w.format()) {
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if uses_amx_bf16(isa, w, job.m) {
+            amx_bf16.push((w, job.x, job.m, OutPtr::new(job.y)));
             continue;
         }
         let chunk = rows_per_task(w);
@@ -171,6 +255,10 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
                 y,
             });
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if !amx_bf16.is_empty() {
+        amx_bf16_products(&amx_bf16);
     }
     crate::for_each_task(tasks.len(), |i| {
         let t = &tasks[i];

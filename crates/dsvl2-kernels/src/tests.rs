@@ -1056,6 +1056,9 @@ fn q8_0_r16_matmul_matches_q8_0() {
             let x = test_data(m * cols, 82 + m as u64);
             let mag = magnitudes(&plain, &x, m);
             for isa in isas() {
+                if uses_amx_bf16(isa, m) {
+                    continue; // bf16 products: `amx_bf16_matches_the_dequantized_product`
+                }
                 let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
                 r16.matmul_isa(isa, &x, m, &mut a);
                 for (x, b) in x.chunks(32 * cols).zip(b.chunks_mut(32 * rows)) {
@@ -1070,6 +1073,14 @@ fn q8_0_r16_matmul_matches_q8_0() {
             }
         }
     }
+}
+
+/// Whether a q8_0_r16 product of `m` rows goes to the AMX-BF16 kernel on `isa` here.
+fn uses_amx_bf16(isa: Isa, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa == Isa::Amx && m >= crate::simd::amx_bf16::MIN_ROWS && crate::simd::amx_bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// MoE decoding runs q8_0_r16 experts through `matmul_many` (row chunks of whole groups, shared
@@ -1135,12 +1146,78 @@ fn amx_matches_avx512_exactly() {
     }
     let (rows, cols) = (48, 320);
     let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &test_data(rows * cols, 91)).unwrap();
-    for m in [8, 9, 15, 16, 17, 24, 33, 100] {
+    // From MIN_ROWS (64) on, q8_0_r16 goes to the AMX-BF16 kernel (see the next test).
+    for m in [8, 9, 15, 16, 17, 24, 33, 63] {
         let x = test_data(m * cols, 92 + m as u64);
         let (mut amx, mut avx512) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
         r16.matmul_isa(Isa::Amx, &x, m, &mut amx);
         r16.matmul_isa(Isa::Avx512, &x, m, &mut avx512);
         assert_eq!(amx, avx512, "m = {m}");
+    }
+}
+
+/// The AMX-BF16 kernel (q8_0_r16 with 64 or more activation rows) against the dequantized weights
+/// times the activations in f64: weights and activations are rounded to bf16 (relative error <= 2^-8
+/// each), so every output is within 2 · 2^-8 (7.8e-3) of Σ|w·x|, which a sum dominated by one product
+/// of two outliers nearly reaches. Measured worst |difference| / Σ|w·x|: 5.6e-3 (such a product);
+/// the bound is 8e-3. Shapes: pairs of row groups and an odd one, a partial last block (4304
+/// inputs, as SigLIP's fc2), activation rows that end in a partial step of 32.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_bf16_matches_the_dequantized_product() {
+    if !crate::simd::amx_bf16::available() {
+        eprintln!("no AMX-BF16 here: nothing to check");
+        return;
+    }
+    let mut worst = 0f64;
+    for (rows, cols) in [(48, 320), (32, 4304), (16, 64), (96, 1152)] {
+        let r16 = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &test_data(rows * cols, 95)).unwrap();
+        let mut w = vec![0f32; rows * cols];
+        r16.dequantize_rows_isa(Isa::Scalar, 0, rows, &mut w);
+        for m in [64, 65, 100, 128] {
+            let x = test_data(m * cols, 96 + m as u64);
+            let mut y = vec![f32::NAN; m * rows];
+            r16.matmul_isa(Isa::Amx, &x, m, &mut y);
+            for i in 0..m {
+                for r in 0..rows {
+                    let (xs, ws) = (&x[i * cols..(i + 1) * cols], &w[r * cols..(r + 1) * cols]);
+                    let want: f64 = xs.iter().zip(ws).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = xs.iter().zip(ws).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let err = (y[i * rows + r] as f64 - want).abs() / mag.max(1e-30);
+                    worst = worst.max(err);
+                    assert!(
+                        err <= 8e-3,
+                        "{rows}x{cols} m={m} [{i}, {r}]: {} vs {want}",
+                        y[i * rows + r]
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("AMX-BF16 worst relative error: {worst:.2e}");
+    // A prompt's experts: `matmul_many` sends them to the same kernel in one dispatch (two products
+    // sharing their input, one with its own), bit for bit what each gives alone.
+    let (rows, cols, m) = (64, 256, 70);
+    let w: Vec<PackedMatrix> = (0..3)
+        .map(|i| PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &test_data(rows * cols, 97 + i)).unwrap())
+        .collect();
+    let (x, x2) = (test_data(m * cols, 100), test_data(m * cols, 101));
+    let mut outs = vec![vec![f32::NAN; m * rows]; 3];
+    let mut jobs: Vec<crate::MatmulJob> = outs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, y)| crate::MatmulJob {
+            weight: &w[i],
+            x: if i == 2 { &x2 } else { &x },
+            m,
+            y,
+        })
+        .collect();
+    crate::gemv::matmul_many_isa(Isa::Amx, &mut jobs);
+    for (i, out) in outs.iter().enumerate() {
+        let mut alone = vec![f32::NAN; m * rows];
+        w[i].matmul_isa(Isa::Amx, if i == 2 { &x2 } else { &x }, m, &mut alone);
+        assert_eq!(out, &alone, "product {i}");
     }
 }
 
