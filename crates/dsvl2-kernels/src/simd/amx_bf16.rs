@@ -25,9 +25,13 @@ use std::cell::RefCell;
 
 use crate::format::{Q8_0R16_GROUP_BYTES, QK8_0, R16};
 
-/// Fewest activation rows a product takes through this kernel: below, the AMX-INT8 / AVX-512 tiles
-/// read each weight once without the panel's conversion.
-pub(crate) const MIN_ROWS: usize = 64;
+/// Fewest activation rows a product takes through this kernel. Converting a weight into the panel
+/// costs about what ~100 activation rows' tile products do, which the AMX-INT8 kernel does not pay:
+/// `kernel_bench gemm` (Emerald Rapids, 2 vCPU, two rounds, noisy) 1280 -> 896 at 64 rows: 600-654
+/// GFLOP/s here, 1010-1062 there; at 3645 x 1152 -> 4304 (the vision tower's fc1) 1630-1688 against
+/// 703-776. In a prompt (tiny, 1039 tokens: routed experts get ~100 rows each) a threshold of 64, 128
+/// or 256 measured the same (prefill 1.66-1.70 s, two rounds).
+pub(crate) const MIN_ROWS: usize = 128;
 
 /// Activation rows per step: two `A` tiles.
 const ROWS: usize = 32;
