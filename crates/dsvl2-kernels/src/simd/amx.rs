@@ -76,12 +76,11 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-/// Tiles for `rows` activation rows: 0 holds the dot products (`rows` x 16 i32), 1 the activations'
-/// block (`rows` x 32 bytes), 2 the group's block of weights (8 x 64 bytes).
+/// Configures the tiles: tile `t` gets `shapes[t]` = (rows, bytes per row); the others none.
 ///
 /// # Safety
-/// AMX must be [`available`].
-unsafe fn load_config(rows: usize) {
+/// AMX must be [`available`]; every shape at most 16 rows of at most 64 bytes.
+pub(crate) unsafe fn configure_tiles(shapes: &[(u8, u16)]) {
     let mut c = TileConfig {
         palette: 1,
         start_row: 0,
@@ -89,12 +88,21 @@ unsafe fn load_config(rows: usize) {
         colsb: [0; 16],
         rows: [0; 16],
     };
-    (c.rows[0], c.colsb[0]) = (rows as u8, 64);
-    (c.rows[1], c.colsb[1]) = (rows as u8, 32);
-    (c.rows[2], c.colsb[2]) = (8, 64);
+    for (t, &(rows, colsb)) in shapes.iter().enumerate() {
+        (c.rows[t], c.colsb[t]) = (rows, colsb);
+    }
     // SAFETY: AMX is available (the caller's contract); the configuration is valid (rows <= 16, colsb
     // <= 64).
     unsafe { asm!("ldtilecfg [{}]", in(reg) &c as *const TileConfig, options(nostack, readonly)) };
+}
+
+/// Tiles for `rows` activation rows: 0 holds the dot products (`rows` x 16 i32), 1 the activations'
+/// block (`rows` x 32 bytes), 2 the group's block of weights (8 x 64 bytes).
+///
+/// # Safety
+/// AMX must be [`available`].
+unsafe fn load_config(rows: usize) {
+    configure_tiles(&[(rows as u8, 64), (rows as u8, 32), (8, 64)]);
 }
 
 /// `y[i · y_stride + k]` for the `m` activation rows and the `nrows` weight rows of `w` (q8_0_r16

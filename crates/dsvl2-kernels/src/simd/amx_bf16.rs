@@ -42,32 +42,12 @@ pub(crate) fn available() -> bool {
     leaf7.edx & (1 << 22) != 0 && super::amx::available()
 }
 
-/// The 64-byte tile configuration of `ldtilecfg` (palette 1): tiles 0-3 hold 16 x 16 f32 sums, 4-5
-/// activation rows, 6-7 weight pairs, all 16 rows of 64 bytes.
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
+/// Tiles 0-3 hold 16 x 16 f32 sums, 4-5 activation rows, 6-7 weight pairs: all 16 rows of 64 bytes.
+///
 /// # Safety
 /// AMX must be [`available`].
 unsafe fn load_config() {
-    let mut c = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [0; 16],
-        rows: [0; 16],
-    };
-    for t in 0..8 {
-        (c.rows[t], c.colsb[t]) = (16, 64);
-    }
-    // SAFETY: AMX is available (the caller's contract); the configuration is valid.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) &c as *const TileConfig, options(nostack, readonly)) };
+    super::amx::configure_tiles(&[(16, 64); 8]);
 }
 
 /// `f32` lanes rounded to bf16 (to nearest, ties to even), in the low 16 bits of each lane.
