@@ -139,25 +139,25 @@ fn amx_bf16_products(products: &[(&PackedMatrix, &[f32], usize, OutPtr)]) {
     // Rows of whole blocks: a partial last block (SigLIP's fc2: 4304 inputs) is stored zero-padded,
     // and the activations' padding columns are zero too.
     let padded = |w: &PackedMatrix| w.cols().next_multiple_of(crate::format::QK8_0);
-    let mut inputs: Vec<(*const f32, usize, usize)> = Vec::new();
+    // Products reading the same activations (a layer's gate and up projections) share one rounding:
+    // `which[p]` is product p's entry in `inputs`, each the key and the first product with it.
+    let mut inputs: Vec<((*const f32, usize, usize), usize)> = Vec::new();
     let which: Vec<usize> = products
         .iter()
-        .map(|&(w, x, m, _)| {
+        .enumerate()
+        .map(|(p, &(w, x, m, _))| {
             let key = (x.as_ptr(), m, w.cols());
-            inputs.iter().position(|k| *k == key).unwrap_or_else(|| {
-                inputs.push(key);
+            inputs.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+                inputs.push((key, p));
                 inputs.len() - 1
             })
         })
         .collect();
-    let mut rounded: Vec<Vec<u16>> = inputs
-        .iter()
-        .map(|&(_, m, k)| vec![0u16; amx_bf16::padded_rows(m) * k.next_multiple_of(crate::format::QK8_0)])
-        .collect();
-    for (i, buffer) in rounded.iter_mut().enumerate() {
-        let p = which.iter().position(|&w| w == i).expect("every input has a product");
+    let mut rounded: Vec<Vec<u16>> = Vec::with_capacity(inputs.len());
+    for &(_, p) in &inputs {
         let (w, x, m, _) = products[p];
         let (k, padded_k) = (w.cols(), padded(w));
+        let mut buffer = vec![0u16; amx_bf16::padded_rows(m) * padded_k];
         let rows_per_chunk = (64 * 1024 / k).max(1);
         buffer[..m * padded_k]
             .par_chunks_mut(rows_per_chunk * padded_k)
@@ -168,6 +168,7 @@ fn amx_bf16_products(products: &[(&PackedMatrix, &[f32], usize, OutPtr)]) {
                     unsafe { amx_bf16::round_to_bf16(src, &mut dst[..k]) }
                 }
             });
+        rounded.push(buffer);
     }
     // Panels of at most ~512 KiB of bf16 (L2-resident while every activation row passes), in whole
     // pairs of row groups.

@@ -16,9 +16,6 @@
 //! significant bits, relative error <= 2^-8), the products summed in f32. The AMX-INT8 kernel's 8-bit
 //! activations err by up to 1/254 of their block's largest value, more relative to the smaller ones.
 
-// Tiles index their register arrays by row and group.
-#![allow(clippy::needless_range_loop)]
-
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -121,8 +118,9 @@ thread_local! {
     static PANEL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `y[i · y_stride + r]` for the `m` activation rows (`acts`, from [`activations`]) and the `nrows`
-/// weight rows of `w` (q8_0_r16 groups of `k` columns).
+/// `y[i · y_stride + r]` for the `m` activation rows (`acts`: rounded by [`round_to_bf16`], `k` per
+/// row, zero rows up to [`padded_rows`]) and the `nrows` weight rows of `w` (q8_0_r16 groups of `k`
+/// columns).
 ///
 /// # Safety
 /// AMX-BF16 must be [`available`] and AVX-512 F/BW and F16C detected; `w` must hold the `nrows / 16`
