@@ -121,7 +121,7 @@ pub(crate) fn gemv(isa: Isa, w: &PackedMatrix, x: &[f32], m: usize, y: &mut [f32
 /// Whether `w` times `m` activation rows goes to the AMX-BF16 kernel (`simd::amx_bf16`): q8_0_r16
 /// weights, enough rows, and a CPU that has it.
 #[cfg(target_arch = "x86_64")]
-fn uses_amx_bf16(isa: Isa, w: &PackedMatrix, m: usize) -> bool {
+pub(crate) fn uses_amx_bf16(isa: Isa, w: &PackedMatrix, m: usize) -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     isa == Isa::Amx
         && w.format() == Format::Q8_0R16

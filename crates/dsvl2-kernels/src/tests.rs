@@ -1056,7 +1056,8 @@ fn q8_0_r16_matmul_matches_q8_0() {
             let x = test_data(m * cols, 82 + m as u64);
             let mag = magnitudes(&plain, &x, m);
             for isa in isas() {
-                if uses_amx_bf16(isa, m) {
+                #[cfg(target_arch = "x86_64")]
+                if crate::gemv::uses_amx_bf16(isa, &r16, m) {
                     continue; // bf16 products: `amx_bf16_matches_the_dequantized_product`
                 }
                 let (mut a, mut b) = (vec![f32::NAN; m * rows], vec![f32::NAN; m * rows]);
@@ -1073,14 +1074,6 @@ fn q8_0_r16_matmul_matches_q8_0() {
             }
         }
     }
-}
-
-/// Whether a q8_0_r16 product of `m` rows goes to the AMX-BF16 kernel on `isa` here.
-fn uses_amx_bf16(isa: Isa, m: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return isa == Isa::Amx && m >= crate::simd::amx_bf16::MIN_ROWS && crate::simd::amx_bf16::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// MoE decoding runs q8_0_r16 experts through `matmul_many` (row chunks of whole groups, shared

@@ -203,21 +203,27 @@ impl Sampler {
         // exact zeros, which change neither the sums nor the draw.
         let kept = finite_candidates(&logits);
         let probs = softmax(&kept.iter().map(|&i| logits[i]).collect::<Vec<f32>>());
-        let total: f64 = probs.iter().map(|&p| p as f64).sum();
-        let mut target = self.rng.random::<f64>() * total;
-        let mut fallback = argmax(&logits);
-        for (&i, &p) in kept.iter().zip(&probs) {
-            if p > 0.0 {
-                fallback = i as u32;
-                if target < p as f64 {
-                    return i as u32;
-                }
-                target -= p as f64;
-            }
-        }
-        // Rounding left a sliver past the last kept token: take that token.
-        fallback
+        draw(&kept, &probs, &mut self.rng, argmax(&logits))
     }
+}
+
+/// A seeded draw: token `ids[i]` with probability `probs[i]` (ids in index order), by walking the
+/// cumulative sum in f64; `fallback` if none has a probability above 0.
+fn draw(ids: &[usize], probs: &[f32], rng: &mut StdRng, fallback: u32) -> u32 {
+    let total: f64 = probs.iter().map(|&p| p as f64).sum();
+    let mut target = rng.random::<f64>() * total;
+    let mut fallback = fallback;
+    for (&i, &p) in ids.iter().zip(probs) {
+        if p > 0.0 {
+            fallback = i as u32;
+            if target < p as f64 {
+                return i as u32;
+            }
+            target -= p as f64;
+        }
+    }
+    // Rounding left a sliver past the last kept token: take that token.
+    fallback
 }
 
 #[cfg(test)]
@@ -304,8 +310,9 @@ mod tests {
         assert!(SamplingParams::default().validate().is_ok());
     }
 
-    /// `apply_top_p` and the draw as the reference runs them, over the whole vocabulary (the
-    /// -inf scores included): the sparse versions must give the same scores and tokens bit for bit.
+    /// `apply_top_p` and the draw's softmax as the reference runs them, over the whole vocabulary
+    /// (the -inf scores included): the sparse versions must give the same scores and tokens bit for
+    /// bit.
     fn full_top_p(scores: &mut [f32], top_p: f64) {
         let mut order: Vec<usize> = (0..scores.len()).collect();
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
@@ -322,20 +329,8 @@ mod tests {
     }
 
     fn full_draw(logits: &[f32], rng: &mut StdRng) -> u32 {
-        let probs = softmax(logits);
-        let total: f64 = probs.iter().map(|&p| p as f64).sum();
-        let mut target = rng.random::<f64>() * total;
-        let mut fallback = argmax(logits);
-        for (i, &p) in probs.iter().enumerate() {
-            if p > 0.0 {
-                fallback = i as u32;
-                if target < p as f64 {
-                    return i as u32;
-                }
-                target -= p as f64;
-            }
-        }
-        fallback
+        let all: Vec<usize> = (0..logits.len()).collect();
+        draw(&all, &softmax(logits), rng, argmax(logits))
     }
 
     #[test]
