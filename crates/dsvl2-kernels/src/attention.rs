@@ -40,10 +40,10 @@ pub struct AttentionShape {
 
 /// Softmax state of one task (a range of positions), per head.
 pub(crate) struct Partial {
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    pub(crate) max: Vec<f32>,
+    pub(crate) sum: Vec<f32>,
     /// `[heads, value_dim]`: `Σ_j exp(score_j - max) · v_j`.
-    acc: Vec<f32>,
+    pub(crate) acc: Vec<f32>,
 }
 
 /// `out[h] = Σ_j softmax_j((q_h · k_j) · scale) · v_j` over the `len` cached positions, for every query
@@ -178,6 +178,72 @@ pub(crate) fn decode_attention_batch_isa<T: CacheValue>(
     calls: &mut [DecodeAttention<T>],
     s: &AttentionShape,
 ) {
+    let caches: Vec<CacheRows<T>> = calls
+        .iter()
+        .map(|c| CacheRows {
+            keys: c.keys,
+            values: c.values,
+            scales: c.scales,
+            len: c.len,
+        })
+        .collect();
+    let pieces: Vec<[usize; 1]> = (0..calls.len()).map(|i| [i]).collect();
+    let mut queries: Vec<DecodeQuery> = calls
+        .iter_mut()
+        .zip(&pieces)
+        .map(|(c, pieces)| DecodeQuery {
+            q: c.q,
+            caches: pieces,
+            out: &mut *c.out,
+        })
+        .collect();
+    decode_attention_shared_isa(isa, &caches, &mut queries, s)
+}
+
+/// Cached positions that one or more queries of a [`decode_attention_shared`] call read: keys,
+/// values and (i8 caches) scales laid out as [`decode_attention`]'s and [`decode_attention_i8`]'s.
+#[derive(Clone, Copy)]
+pub struct CacheRows<'a, T> {
+    pub keys: &'a [T],
+    pub values: &'a [T],
+    pub scales: Option<RowScales<'a>>,
+    pub len: usize,
+}
+
+/// One query row per head of a [`decode_attention_shared`] call, the caches it attends over (indexes
+/// into the call's caches, in position order: e.g. a prefix shared with other sequences, then the
+/// sequence's own positions) and its output.
+pub struct DecodeQuery<'a> {
+    pub q: &'a [f32],
+    pub caches: &'a [usize],
+    pub out: &'a mut [f32],
+}
+
+/// Decode attention for sequences whose caches may share pieces (several answers to one prompt
+/// share that prompt's positions): each query attends over the concatenation of its caches. A
+/// piece that several queries read streams from memory once per call: its tasks (ranges of
+/// positions) run every reader's query over the range while the range is in the core's L2.
+///
+/// Each output is bit for bit what the same query gives in a call of its own: a cache's ranges
+/// depend on its length only, and the partial results merge in the query's order of caches.
+///
+/// # Panics
+/// As [`decode_attention`] and [`decode_attention_i8`], for any cache or query, and if a query
+/// names a cache that does not exist.
+pub fn decode_attention_shared<T: CacheValue>(
+    caches: &[CacheRows<T>],
+    queries: &mut [DecodeQuery],
+    shape: &AttentionShape,
+) {
+    decode_attention_shared_isa(Isa::detect(), caches, queries, shape)
+}
+
+pub(crate) fn decode_attention_shared_isa<T: CacheValue>(
+    isa: Isa,
+    caches: &[CacheRows<T>],
+    queries: &mut [DecodeQuery],
+    s: &AttentionShape,
+) {
     assert!(
         s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "{} query heads cannot share {} key/value heads",
@@ -185,46 +251,79 @@ pub(crate) fn decode_attention_batch_isa<T: CacheValue>(
         s.kv_heads
     );
     assert!(s.key_stride >= s.kv_heads * s.key_dim && s.value_stride >= s.kv_heads * s.value_dim);
-    for c in calls.iter() {
-        check_call(c, s);
+    caches.iter().for_each(|c| check_cache(c, s));
+    // readers[c]: the queries that attend over cache c, in query order.
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); caches.len()];
+    for (i, query) in queries.iter().enumerate() {
+        assert_eq!(query.q.len(), s.heads * s.key_dim, "one query row per head");
+        assert_eq!(query.out.len(), s.heads * s.value_dim, "one output row per head");
+        for &c in query.caches {
+            assert!(c < caches.len(), "query {i} reads cache {c} of {}", caches.len());
+            readers[c].push(i);
+        }
     }
-    // Enough tasks per sequence to balance the threads, each reading at least ~64 KiB of cache.
+    // Enough tasks per cache to balance the threads, each reading at least ~64 KiB of cache, in
+    // whole blocks of 64 positions (the AMX kernel's, whose last block is otherwise mostly padding).
     let row_bytes = std::mem::size_of::<T>() * (s.kv_heads * (s.key_dim + s.value_dim));
     let min_rows = (64 * 1024 / row_bytes.max(1)).max(1);
     let threads = rayon::current_num_threads().max(1);
+    // (cache, positions); first_task[c]: where cache c's tasks start.
     let mut tasks = Vec::new();
-    for (i, c) in calls.iter().enumerate() {
-        let chunk = c.len.div_ceil(4 * threads).max(min_rows);
-        tasks.extend((0..c.len.div_ceil(chunk)).map(|k| (i, k * chunk..((k + 1) * chunk).min(c.len))));
+    let mut first_task = Vec::with_capacity(caches.len() + 1);
+    for (c, cache) in caches.iter().enumerate() {
+        first_task.push(tasks.len());
+        if readers[c].is_empty() {
+            continue;
+        }
+        let chunk = cache.len.div_ceil(4 * threads).max(min_rows).next_multiple_of(64);
+        tasks.extend((0..cache.len.div_ceil(chunk)).map(|k| (c, k * chunk..((k + 1) * chunk).min(cache.len))));
     }
-    let partials: Vec<std::sync::OnceLock<Partial>> = tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
+    first_task.push(tasks.len());
+    // One partial result per reader of the task's cache, in `readers` order.
+    let partials: Vec<std::sync::OnceLock<Vec<Partial>>> = tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
     crate::for_each_task(tasks.len(), |t| {
-        let (i, positions) = &tasks[t];
-        let c = &calls[*i];
-        let partial = isa.attend_positions(c.q, c.keys, c.values, c.scales, positions.clone(), s);
-        let _ = partials[t].set(partial);
+        let (c, positions) = &tasks[t];
+        let cache = &caches[*c];
+        let readers = &readers[*c];
+        let qs: Vec<&[f32]> = readers.iter().map(|&i| queries[i].q).collect();
+        let results = match isa.attend_positions_many(&qs, cache, positions.clone(), s) {
+            Some(partials) => partials,
+            None => readers
+                .iter()
+                .map(|&i| {
+                    let q = queries[i].q;
+                    isa.attend_positions(q, cache.keys, cache.values, cache.scales, positions.clone(), s)
+                })
+                .collect(),
+        };
+        let _ = partials[t].set(results);
     });
-    let partials: Vec<Partial> = partials
+    let partials: Vec<Vec<Partial>> = partials
         .into_iter()
         .map(|p| p.into_inner().expect("every task ran"))
         .collect();
-    let mut first = 0;
-    for (i, c) in calls.iter_mut().enumerate() {
-        let n = tasks[first..].iter().take_while(|(j, _)| *j == i).count();
-        if n == 0 {
-            c.out.fill(0.0);
+    for (i, query) in queries.iter_mut().enumerate() {
+        let mine: Vec<&Partial> = query
+            .caches
+            .iter()
+            .flat_map(|&c| {
+                let reader = readers[c].iter().position(|&r| r == i).expect("a reader of its caches");
+                partials[first_task[c]..first_task[c + 1]]
+                    .iter()
+                    .map(move |p| &p[reader])
+            })
+            .collect();
+        if mine.is_empty() {
+            query.out.fill(0.0);
         } else {
-            merge(&partials[first..first + n], s, c.out);
+            merge(&mine, s, query.out);
         }
-        first += n;
     }
 }
 
-/// The checks of one [`DecodeAttention`] against `s`.
-fn check_call<T>(c: &DecodeAttention<T>, s: &AttentionShape) {
+/// The checks of one [`CacheRows`] against `s`.
+fn check_cache<T>(c: &CacheRows<T>, s: &AttentionShape) {
     let len = c.len;
-    assert_eq!(c.q.len(), s.heads * s.key_dim, "one query row per head");
-    assert_eq!(c.out.len(), s.heads * s.value_dim, "one output row per head");
     if len == 0 {
         return;
     }
@@ -245,7 +344,7 @@ fn check_call<T>(c: &DecodeAttention<T>, s: &AttentionShape) {
 }
 
 /// The exact softmax over all positions from the tasks' partial ones.
-fn merge(partials: &[Partial], s: &AttentionShape, out: &mut [f32]) {
+fn merge(partials: &[&Partial], s: &AttentionShape, out: &mut [f32]) {
     for h in 0..s.heads {
         let max = partials.iter().map(|p| p.max[h]).fold(f32::NEG_INFINITY, f32::max);
         let out = &mut out[h * s.value_dim..(h + 1) * s.value_dim];
@@ -265,6 +364,12 @@ fn merge(partials: &[Partial], s: &AttentionShape, out: &mut [f32]) {
 /// (with a scale per position and head, see [`decode_attention_i8`]).
 pub trait CacheValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+
+    /// The values as i8, when that is what they are (the kernels for 8-bit caches).
+    fn as_i8(values: &[Self]) -> Option<&[i8]> {
+        let _ = values;
+        None
+    }
 
     /// `src` as f32: borrowed when it already is, otherwise converted into `buf[..src.len()]`.
     ///
@@ -372,6 +477,10 @@ impl CacheValue for i8 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
+    }
+
+    fn as_i8(values: &[i8]) -> Option<&[i8]> {
+        Some(values)
     }
 
     #[inline(always)]
@@ -610,6 +719,35 @@ fn prefetch_row<T>(cache: &[T], start: usize, len: usize) {
 }
 
 impl Isa {
+    /// Every query of `queries` over `positions` of `cache` at once, when this instruction set has a
+    /// kernel for that (AMX-INT8, an i8 cache of 128-value heads, enough queries: see
+    /// `simd::amx_attention`); `None` otherwise, and the queries run one at a time.
+    fn attend_positions_many<T: CacheValue>(
+        self,
+        queries: &[&[f32]],
+        cache: &CacheRows<T>,
+        positions: std::ops::Range<usize>,
+        s: &AttentionShape,
+    ) -> Option<Vec<Partial>> {
+        #[cfg(target_arch = "x86_64")]
+        if self == Isa::Amx && queries.len() >= crate::simd::amx_attention::MIN_READERS {
+            use crate::simd::amx_attention;
+            if let (Some(keys), Some(values), Some(scales)) =
+                (T::as_i8(cache.keys), T::as_i8(cache.values), cache.scales)
+            {
+                if amx_attention::supports(s) {
+                    // SAFETY: `Isa::Amx` is only detected with AMX-INT8 and AVX-512 F/BW/VL; the caller
+                    // checked the cache against `s` and `positions` lie within its length.
+                    return Some(unsafe {
+                        amx_attention::attend_positions_many(queries, keys, values, scales, positions, s)
+                    });
+                }
+            }
+        }
+        let _ = (queries, cache, positions, s);
+        None
+    }
+
     /// [`attend_positions`] compiled for this instruction set (vector width and features).
     fn attend_positions<T: CacheValue>(
         self,

@@ -31,8 +31,9 @@ mod simd;
 mod tests;
 
 pub use attention::{
-    decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, quantize_i8_rows, AttentionShape,
-    CacheValue, DecodeAttention, HeadRows, PrefillShape, RowScales,
+    decode_attention, decode_attention_batch, decode_attention_i8, decode_attention_shared, prefill_attention,
+    quantize_i8_rows, AttentionShape, CacheRows, CacheValue, DecodeAttention, DecodeQuery, HeadRows, PrefillShape,
+    RowScales,
 };
 pub use format::Format;
 pub use gemv::{matmul_many, MatmulJob};

@@ -954,6 +954,160 @@ fn decode_attention_batch_matches_single_sequences() {
     }
 }
 
+/// Queries over a shared prefix and their own positions: each output is the attention over the
+/// concatenated positions, and bit for bit what the query gives in a call of its own.
+#[test]
+fn decode_attention_shared_reads_pieces_in_order() {
+    let shape = cache_test_shapes().nth(1).expect("the 128-wide layout");
+    let row = shape.kv_heads * shape.key_dim;
+    // Cache 0 is the shared prefix; 1..=3 are three sequences' own positions (one empty).
+    let lens = [500usize, 0, 3, 40];
+    let caches: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| test_data(l.max(1) * row, 40 + i as u64))
+        .collect();
+    let rows: Vec<crate::CacheRows<f32>> = caches
+        .iter()
+        .zip(lens)
+        .map(|(c, len)| crate::CacheRows {
+            keys: c,
+            values: c,
+            scales: None,
+            len,
+        })
+        .collect();
+    // Three sequences after the prefix, and one that reads only its own positions.
+    let pieces: [&[usize]; 4] = [&[0, 1], &[0, 2], &[0, 3], &[3]];
+    let queries: Vec<Vec<f32>> = (0..pieces.len())
+        .map(|i| test_data(shape.heads * shape.key_dim, 60 + i as u64))
+        .collect();
+    let width = shape.heads * shape.value_dim;
+    for isa in isas() {
+        let mut outs = vec![f32::NAN; pieces.len() * width];
+        let mut calls: Vec<crate::DecodeQuery> = outs
+            .chunks_exact_mut(width)
+            .enumerate()
+            .map(|(i, out)| crate::DecodeQuery {
+                q: &queries[i],
+                caches: pieces[i],
+                out,
+            })
+            .collect();
+        crate::attention::decode_attention_shared_isa(isa, &rows, &mut calls, &shape);
+        for (i, got) in outs.chunks_exact(width).enumerate() {
+            let joined: Vec<f32> = pieces[i]
+                .iter()
+                .flat_map(|&c| caches[c][..lens[c] * row].iter().copied())
+                .collect();
+            let len = joined.len() / row;
+            let want = attention_reference(&queries[i], &joined, &joined, len, &shape);
+            assert_matches_reference(got, &want, &format!("{isa:?} query {i}"));
+            let mut alone = vec![f32::NAN; width];
+            let mut call = [crate::DecodeQuery {
+                q: &queries[i],
+                caches: pieces[i],
+                out: &mut alone,
+            }];
+            crate::attention::decode_attention_shared_isa(isa, &rows, &mut call, &shape);
+            assert!(
+                got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?} query {i} alone"
+            );
+        }
+    }
+}
+
+/// Several queries over one i8 cache take the AMX-INT8 kernel (`simd::amx_attention`) where the
+/// CPU has it: its outputs against the f64 attention over the dequantized cache, for positions that
+/// fill tiles exactly and not, key/value groups of 1 and 4 heads (4 per group: more queries than
+/// one tile's 16 columns, so they are split), one query per run as the baseline.
+#[test]
+fn amx_attention_matches_the_dequantized_cache() {
+    if !isas().contains(&Isa::Amx) {
+        eprintln!("no AMX on this CPU: nothing to compare");
+        return;
+    }
+    let shapes = [(10, 10), (8, 2)].map(|(heads, kv_heads)| AttentionShape {
+        heads,
+        kv_heads,
+        key_dim: 128,
+        value_dim: 128,
+        key_stride: kv_heads * 128,
+        value_stride: kv_heads * 128,
+        scale: 1.0 / (128f32).sqrt(),
+    });
+    let mut worst = [0f64; 2];
+    for shape in shapes {
+        for len in [1usize, 15, 16, 17, 64, 65, 300, 1039] {
+            let row = shape.kv_heads * 128;
+            let quantize = |seed: u64| {
+                let mut x = test_data(len * row, seed);
+                // Magnitudes that differ by position and head, so a scale read for the wrong one shows.
+                for (r, v) in x.chunks_exact_mut(128).enumerate() {
+                    v.iter_mut().for_each(|v| *v *= 0.25 + (r % 7) as f32);
+                }
+                let (mut q8, mut scales) = (vec![0i8; x.len()], vec![0f32; len * shape.kv_heads]);
+                crate::quantize_i8_rows(&x, 128, &mut q8, &mut scales);
+                let back: Vec<f32> = q8
+                    .chunks_exact(128)
+                    .zip(&scales)
+                    .flat_map(|(q, &s)| q.iter().map(move |&v| v as f32 * s))
+                    .collect();
+                (q8, scales, back)
+            };
+            let (keys, key_scales, keys_f32) = quantize(7);
+            let (values, value_scales, values_f32) = quantize(8);
+            let cache = [crate::CacheRows {
+                keys: &keys[..],
+                values: &values[..],
+                scales: Some(crate::RowScales {
+                    keys: &key_scales,
+                    values: &value_scales,
+                }),
+                len,
+            }];
+            let readers = 9;
+            let queries: Vec<Vec<f32>> = (0..readers)
+                .map(|i| test_data(shape.heads * 128, 70 + i as u64))
+                .collect();
+            let width = shape.heads * 128;
+            for (k, isa) in [Isa::Avx512, Isa::Amx].into_iter().enumerate() {
+                let mut outs = vec![f32::NAN; readers * width];
+                let mut calls: Vec<crate::DecodeQuery> = outs
+                    .chunks_exact_mut(width)
+                    .enumerate()
+                    .map(|(i, out)| crate::DecodeQuery {
+                        q: &queries[i],
+                        caches: &[0],
+                        out,
+                    })
+                    .collect();
+                crate::attention::decode_attention_shared_isa(isa, &cache, &mut calls, &shape);
+                for (i, got) in outs.chunks_exact(width).enumerate() {
+                    let want = attention_reference(&queries[i], &keys_f32, &values_f32, len, &shape);
+                    let scale = want.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(&g, &w)| (g as f64 - w).abs())
+                        .fold(0.0, f64::max)
+                        / scale;
+                    worst[k] = worst[k].max(err);
+                    assert!(
+                        err <= 2e-3,
+                        "{isa:?} {shape:?} len {len} query {i}: {err:.2e} of the largest output"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "largest error over the largest output: one query at a time {:.2e}, AMX {:.2e}",
+        worst[0], worst[1]
+    );
+}
+
 #[test]
 fn i8_rows_round_to_nearest() {
     let x = [1.0, -0.5, 0.25, -1.0, 0.0, 0.0, 0.0, 0.0, 3.0, -6.0, 1e-3, 6.0];

@@ -8,15 +8,15 @@
 use candle_core::{DType, Tensor, D};
 use dsvl2_config::LanguageConfig;
 
-use crate::cache::{CacheFormat, GrowingTensor, HeadCache, HeadRowsView, LayerCache};
-use crate::linear::{f32_rows, forward_many, with_cpu_slice, with_cpu_slices, with_f32_slice, Linear};
+use crate::cache::{CacheFormat, GrowingTensor, HeadCache, HeadRowsView, LayerCache, SharedRows};
+use crate::linear::{f32_rows, forward_many, with_cpu_slices, with_f32_slice, Linear};
 use crate::norm::RmsNorm;
 use crate::rope::{yarn_mscale, RopeLayout, RotaryEmbedding};
 use crate::{ModelError, Weights};
 use dsvl2_config::RopeScaling;
 use dsvl2_kernels::{
-    decode_attention, decode_attention_batch, decode_attention_i8, prefill_attention, AttentionShape, DecodeAttention,
-    HeadRows, PrefillShape, RowScales,
+    decode_attention_shared, prefill_attention, AttentionShape, CacheRows, DecodeQuery, HeadRows, PrefillShape,
+    RowScales,
 };
 
 /// What every layer's attention needs for one forward call.
@@ -34,6 +34,10 @@ pub struct Segment<'a> {
     pub rows: usize,
     /// Additive causal mask `[rows, past+rows]`, or `None` when `rows == 1`.
     pub mask: Option<&'a Tensor>,
+    /// The sequence's first positions when it continues from a shared prefix (in order; empty
+    /// otherwise). Read only: new positions go to `cache`.
+    pub shared: Vec<SharedRows<'a>>,
+    /// The positions after `shared`.
     pub cache: &'a mut LayerCache,
 }
 
@@ -206,49 +210,50 @@ impl Mha {
         let q = q.squeeze(0)?; // [h, t, hd]
         let k = k.squeeze(0)?.transpose(0, 1)?; // [t, kv, hd]
         let v = Tensor::from_vec(v, (t, kv, hd), device)?;
-        if segments.len() > 1 && segments.iter().all(|s| s.rows == 1) {
+        if segments.iter().all(|s| s.rows == 1) {
             let out = self.attend_batch(&q, &k, &v, segments)?;
             return self.o.forward(&out);
         }
         let out = per_segment(segments, 0, |segment, start| {
-            let LayerCache::Mha { keys, values } = &mut *segment.cache else {
-                candle_core::bail!("attention kind and cache kind differ");
-            };
             let n = segment.rows;
             let q = q.narrow(1, start, n)?.contiguous()?;
-            self.attend(
-                &q,
-                &k.narrow(0, start, n)?,
-                &v.narrow(0, start, n)?,
-                segment.mask.is_some(),
-                keys,
-                values,
-            )
+            self.attend(&q, &k.narrow(0, start, n)?, &v.narrow(0, start, n)?, segment)
         })?;
         self.o.forward(&out)
     }
 
     /// One sequence's `n` rows: `q` `[h, n, hd]`, rotated `k` and `v` `[n, kv, hd]`. Appends k
-    /// and v to the cache and returns the attention output `[n, h*hd]` (before `o_proj`).
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        causal: bool,
-        keys: &mut HeadCache,
-        values: &mut HeadCache,
-    ) -> candle_core::Result<Tensor> {
+    /// and v to the segment's cache and returns the attention output `[n, h*hd]` (before `o_proj`).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, segment: &mut Segment) -> candle_core::Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let t = q.dim(1)?;
-        // Cache layout [len, kv_heads, hd]: appending is a contiguous copy.
-        let k_all = keys.append(k)?;
-        let v_all = values.append(v)?;
-        if t == 1 {
-            return self.attend_one(q, &k_all, &v_all);
-        }
-        // A prompt chunk reads the cache as f32 (what it holds, widened once per chunk and layer).
-        let (k_all, v_all) = (k_all.to_f32()?, v_all.to_f32()?);
+        let causal = segment.mask.is_some();
+        let LayerCache::Mha { keys, values } = &mut *segment.cache else {
+            candle_core::bail!("attention kind and cache kind differ");
+        };
+        // Cache layout [len, kv_heads, hd]: appending is a contiguous copy. A prompt chunk reads the
+        // cache as f32 (what it holds, widened once per chunk and layer), after a shared prefix's
+        // positions if there are any (joined into one copy: only a prompt continued after a prefix
+        // pays for it).
+        let own = (keys.append(k)?.to_f32()?, values.append(v)?.to_f32()?);
+        let (k_all, v_all) = if segment.shared.is_empty() {
+            own
+        } else {
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for shared in &segment.shared {
+                let LayerCache::Mha { keys, values } = shared.cache else {
+                    candle_core::bail!("attention kind and cache kind differ");
+                };
+                let (Some(k), Some(v)) = (keys.rows(shared.len)?, values.rows(shared.len)?) else {
+                    candle_core::bail!("a shared prefix holds fewer than {} positions", shared.len);
+                };
+                ks.push(k.to_f32()?);
+                vs.push(v.to_f32()?);
+            }
+            ks.push(own.0);
+            vs.push(own.1);
+            (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+        };
         // Several rows: attention over the cache, read in place by the kernels' attention, heads in
         // parallel (the rows of a prompt chunk are causal: the segment's mask is always that one).
         let shape = PrefillShape {
@@ -282,8 +287,8 @@ impl Mha {
 impl Mha {
     /// A decoding batch, one row per sequence: `q` `[h, t, hd]`, rotated `k` and `v` `[t, kv, hd]`.
     /// Appends each row to its sequence's cache, then attends over all the caches in one parallel
-    /// dispatch (`decode_attention_batch`; per sequence, the same result as [`Self::attend_one`]).
-    /// Returns `[t, h*hd]`.
+    /// dispatch per cache format (`decode_attention_shared`). A prefix that several sequences share
+    /// is one piece of that call, read once for all of them. Returns `[t, h*hd]`.
     fn attend_batch(
         &self,
         q: &Tensor,
@@ -292,80 +297,88 @@ impl Mha {
         segments: &mut [Segment],
     ) -> candle_core::Result<Tensor> {
         let (h, hd, t) = (self.heads, self.head_dim, segments.len());
-        let mut views = Vec::with_capacity(t);
+        // Every sequence's pieces, in position order: its shared prefix's (one piece per distinct
+        // prefix of the batch), then its own positions.
+        let mut pieces: Vec<CachePiece> = Vec::new();
+        let mut shared_ids: Vec<(*const LayerCache, usize)> = Vec::new();
+        let mut reads: Vec<Vec<usize>> = Vec::with_capacity(t);
         for (i, segment) in segments.iter_mut().enumerate() {
+            let mut mine = Vec::new();
+            for shared in &segment.shared {
+                let id = (shared.cache as *const LayerCache, shared.len);
+                let index = match shared_ids.iter().position(|&s| s == id) {
+                    Some(index) => index,
+                    None => {
+                        let LayerCache::Mha { keys, values } = shared.cache else {
+                            candle_core::bail!("attention kind and cache kind differ");
+                        };
+                        let (Some(keys), Some(values)) = (keys.rows(shared.len)?, values.rows(shared.len)?) else {
+                            candle_core::bail!("a shared prefix holds fewer than {} positions", shared.len);
+                        };
+                        shared_ids.push(id);
+                        pieces.push(CachePiece { keys, values });
+                        pieces.len() - 1
+                    }
+                };
+                mine.push(index);
+            }
             let LayerCache::Mha { keys, values } = &mut *segment.cache else {
                 candle_core::bail!("attention kind and cache kind differ");
             };
-            views.push((keys.append(&k.narrow(0, i, 1)?)?, values.append(&v.narrow(0, i, 1)?)?));
+            let keys = keys.append(&k.narrow(0, i, 1)?)?;
+            let values = values.append(&v.narrow(0, i, 1)?)?;
+            // Own pieces are never shared: a null id no prefix has.
+            shared_ids.push((std::ptr::null(), i));
+            pieces.push(CachePiece { keys, values });
+            mine.push(pieces.len() - 1);
+            reads.push(mine);
         }
-        let device = q.device().clone();
         let queries = f32_rows(&q.transpose(0, 1)?)?; // [t, h, hd]
         let shape = self.decode_shape();
-        let mut out = vec![0f32; t * h * hd];
-        let lens = views
-            .iter()
-            .map(|(k, _)| k.len())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let floats: Option<Vec<&Tensor>> = views
-            .iter()
-            .flat_map(|(k, v)| [k, v])
-            .map(|view| match view {
-                HeadRowsView::Float(t) => Some(t),
-                HeadRowsView::I8 { .. } => None,
-            })
-            .collect();
-        let no_scales = vec![None; t];
-        match floats {
-            Some(tensors) if tensors.iter().all(|x| x.dtype() == DType::F16) => {
-                with_cpu_slices::<half::f16, _>(&tensors, |caches| {
-                    decode_batch(&queries, caches, &no_scales, &lens, &shape, &mut out)
-                })?
+        let (q_width, out_width) = (h * hd, h * hd);
+        let mut out = vec![0f32; t * out_width];
+        let mut outs: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(out_width).map(Some).collect();
+        // Caches made in different formats can share a batch: one call per format.
+        for format in CacheFormat::ALL {
+            let members: Vec<usize> = (0..t)
+                .filter(|&i| pieces[*reads[i].last().expect("own piece")].format() == format)
+                .collect();
+            if members.is_empty() {
+                continue;
             }
-            Some(tensors) if tensors.iter().all(|x| x.dtype() == DType::F32) => {
-                with_cpu_slices::<f32, _>(&tensors, |caches| {
-                    decode_batch(&queries, caches, &no_scales, &lens, &shape, &mut out)
-                })?
-            }
-            _ => {
-                let i8s: Option<Vec<[&Tensor; 4]>> = views
-                    .iter()
-                    .map(|views| match views {
-                        (HeadRowsView::I8 { values: k8, scales: ks }, HeadRowsView::I8 { values: v8, scales: vs }) => {
-                            Some([k8, v8, ks, vs])
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let Some(i8s) = i8s else {
-                    // Caches of different formats in one batch: one sequence at a time.
-                    let outs = views
+            // The pieces these sequences read, renumbered for the call.
+            let mut used: Vec<usize> = Vec::new();
+            let local: Vec<Vec<usize>> = members
+                .iter()
+                .map(|&i| {
+                    reads[i]
                         .iter()
-                        .enumerate()
-                        .map(|(i, (k_all, v_all))| self.attend_one(&q.narrow(1, i, 1)?, k_all, v_all))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    return Tensor::cat(&outs, 0);
-                };
-                let rows: Vec<&Tensor> = i8s.iter().flat_map(|[k8, v8, _, _]| [*k8, *v8]).collect();
-                let scales: Vec<&Tensor> = i8s.iter().flat_map(|[_, _, ks, vs]| [*ks, *vs]).collect();
-                with_cpu_slices::<u8, _>(&rows, |bits| {
-                    with_cpu_slices::<f32, _>(&scales, |scales| {
-                        let caches: Vec<&[i8]> = bits.iter().map(|b| bits_as_i8(b)).collect();
-                        let scales: Vec<Option<RowScales>> = scales
-                            .chunks_exact(2)
-                            .map(|s| {
-                                Some(RowScales {
-                                    keys: s[0],
-                                    values: s[1],
-                                })
-                            })
-                            .collect();
-                        decode_batch(&queries, &caches, &scales, &lens, &shape, &mut out)
-                    })
-                })??
+                        .map(|&p| match used.iter().position(|&u| u == p) {
+                            Some(l) => l,
+                            None => {
+                                used.push(p);
+                                used.len() - 1
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let group: Vec<&CachePiece> = used.iter().map(|&p| &pieces[p]).collect();
+            if let Some(p) = group.iter().find(|p| p.format() != format) {
+                candle_core::bail!("a shared prefix is cached as {} after {format} positions", p.format());
             }
+            let mut calls: Vec<DecodeQuery> = members
+                .iter()
+                .zip(&local)
+                .map(|(&i, caches)| DecodeQuery {
+                    q: &queries[i * q_width..(i + 1) * q_width],
+                    caches,
+                    out: outs[i].take().expect("each sequence has one format"),
+                })
+                .collect();
+            run_decode_attention(&group, &mut calls, &shape)?;
         }
-        Tensor::from_vec(out, (t, h * hd), &device)
+        Tensor::from_vec(out, (t, h * hd), q.device())
     }
 
     /// The shape of this layer's decode attention over its cache.
@@ -381,76 +394,94 @@ impl Mha {
             scale: 1.0 / (hd as f32).sqrt(),
         }
     }
+}
 
-    /// Decode: one query row `q` `[h, 1, hd]` over the whole cache `[s, kv, hd]`, read in place by
-    /// the kernels' decode attention, which splits the positions (not the heads) over the threads,
-    /// so the cache streams through once. Returns `[1, h*hd]`.
-    fn attend_one(&self, q: &Tensor, k_all: &HeadRowsView, v_all: &HeadRowsView) -> candle_core::Result<Tensor> {
-        let (h, hd) = (self.heads, self.head_dim);
-        let device = q.device().clone();
-        let q = f32_rows(q)?;
-        let shape = self.decode_shape();
-        let mut out = vec![0f32; h * hd];
-        let len = k_all.len()?;
-        match (k_all, v_all) {
-            (HeadRowsView::Float(k_all), HeadRowsView::Float(v_all)) if k_all.dtype() == DType::F16 => {
-                with_cpu_slice::<half::f16, _>(k_all, |keys| {
-                    with_cpu_slice::<half::f16, _>(v_all, |values| {
-                        decode_attention(&q, keys, values, len, &shape, &mut out)
-                    })
-                })??
-            }
-            (HeadRowsView::Float(k_all), HeadRowsView::Float(v_all)) => with_f32_slice(k_all, |keys| {
-                with_f32_slice(v_all, |values| {
-                    decode_attention(&q, keys, values, len, &shape, &mut out)
-                })
-            })??,
-            (HeadRowsView::I8 { values: k8, scales: ks }, HeadRowsView::I8 { values: v8, scales: vs }) => {
-                with_i8_slice(k8, |keys| {
-                    with_i8_slice(v8, |values| {
-                        with_f32_slice(ks, |key_scales| {
-                            with_f32_slice(vs, |value_scales| {
-                                decode_attention_i8(&q, keys, key_scales, values, value_scales, len, &shape, &mut out)
-                            })
-                        })
-                    })
-                })????
-            }
-            _ => candle_core::bail!("keys and values are cached in different formats"),
+/// Keys and values of consecutive positions of one sequence's (or a shared prefix's) MHA cache.
+struct CachePiece {
+    keys: HeadRowsView,
+    values: HeadRowsView,
+}
+
+impl CachePiece {
+    fn format(&self) -> CacheFormat {
+        match &self.keys {
+            HeadRowsView::Float(t) if t.dtype() == DType::F16 => CacheFormat::F16,
+            HeadRowsView::Float(_) => CacheFormat::F32,
+            HeadRowsView::I8 { .. } => CacheFormat::I8,
         }
-        Tensor::from_vec(out, (1, h * hd), &device)
     }
 }
 
-/// `decode_attention_batch` for sequences `i`: the query row `i` of `queries`, keys `caches[2i]`,
-/// values `caches[2i + 1]`, `scales[i]` (i8 caches) and `lens[i]` positions, into row `i` of `out`.
-fn decode_batch<T: dsvl2_kernels::CacheValue>(
-    queries: &[f32],
-    caches: &[&[T]],
-    scales: &[Option<RowScales>],
-    lens: &[usize],
+/// `decode_attention_shared` over `pieces`, which all hold the same format.
+fn run_decode_attention(
+    pieces: &[&CachePiece],
+    queries: &mut [DecodeQuery],
     shape: &AttentionShape,
-    out: &mut [f32],
-) {
-    let (q_width, out_width) = (shape.heads * shape.key_dim, shape.heads * shape.value_dim);
-    let mut calls: Vec<DecodeAttention<T>> = out
-        .chunks_exact_mut(out_width)
-        .enumerate()
-        .map(|(i, out)| DecodeAttention {
-            q: &queries[i * q_width..(i + 1) * q_width],
-            keys: caches[2 * i],
-            values: caches[2 * i + 1],
-            scales: scales[i],
-            len: lens[i],
-            out,
+) -> candle_core::Result<()> {
+    let lens = pieces
+        .iter()
+        .map(|p| p.keys.len())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let floats: Option<Vec<&Tensor>> = pieces
+        .iter()
+        .flat_map(|p| [&p.keys, &p.values])
+        .map(|view| match view {
+            HeadRowsView::Float(t) => Some(t),
+            HeadRowsView::I8 { .. } => None,
         })
         .collect();
-    decode_attention_batch(&mut calls, shape);
-}
-
-/// Runs `f` on an i8 cache's values (held as their u8 bit patterns).
-fn with_i8_slice<R>(x: &Tensor, f: impl FnOnce(&[i8]) -> R) -> candle_core::Result<R> {
-    with_cpu_slice::<u8, _>(x, |bits| f(bits_as_i8(bits)))
+    fn float_rows<'a, T>(slices: &[&'a [T]], lens: &[usize]) -> Vec<CacheRows<'a, T>> {
+        slices
+            .chunks_exact(2)
+            .zip(lens)
+            .map(|(kv, &len)| CacheRows {
+                keys: kv[0],
+                values: kv[1],
+                scales: None,
+                len,
+            })
+            .collect()
+    }
+    match floats {
+        Some(tensors) if tensors[0].dtype() == DType::F16 => with_cpu_slices::<half::f16, _>(&tensors, |slices| {
+            decode_attention_shared(&float_rows(slices, &lens), queries, shape)
+        }),
+        Some(tensors) => with_cpu_slices::<f32, _>(&tensors, |slices| {
+            decode_attention_shared(&float_rows(slices, &lens), queries, shape)
+        }),
+        None => {
+            let mut bits = Vec::with_capacity(2 * pieces.len());
+            let mut scales = Vec::with_capacity(2 * pieces.len());
+            for p in pieces {
+                let (HeadRowsView::I8 { values: k8, scales: ks }, HeadRowsView::I8 { values: v8, scales: vs }) =
+                    (&p.keys, &p.values)
+                else {
+                    candle_core::bail!("keys and values are cached in different formats");
+                };
+                bits.extend([k8, v8]);
+                scales.extend([ks, vs]);
+            }
+            with_cpu_slices::<u8, _>(&bits, |bits| {
+                with_cpu_slices::<f32, _>(&scales, |scales| {
+                    let caches: Vec<CacheRows<i8>> = bits
+                        .chunks_exact(2)
+                        .zip(scales.chunks_exact(2))
+                        .zip(&lens)
+                        .map(|((kv, s), &len)| CacheRows {
+                            keys: bits_as_i8(kv[0]),
+                            values: bits_as_i8(kv[1]),
+                            scales: Some(RowScales {
+                                keys: s[0],
+                                values: s[1],
+                            }),
+                            len,
+                        })
+                        .collect();
+                    decode_attention_shared(&caches, queries, shape)
+                })
+            })?
+        }
+    }
 }
 
 /// An i8 cache's u8 bit patterns as the i8 values they are.
@@ -567,18 +598,13 @@ impl Mla {
         let q_latent = q_nope.matmul(&self.w_uk)?; // [h, t, rank]
 
         let out_latent = per_segment(segments, 1, |segment, start| {
-            let LayerCache::Mla { latent, rope_key } = &mut *segment.cache else {
-                candle_core::bail!("attention kind and cache kind differ");
-            };
             let n = segment.rows;
             self.attend(
                 &q_rope.narrow(1, start, n)?,
                 &q_latent.narrow(1, start, n)?,
                 &c.narrow(0, start, n)?,
                 &k_rope.narrow(0, start, n)?,
-                segment.mask,
-                latent,
-                rope_key,
+                segment,
             )
         })?; // [h, t, rank]
         let out = out_latent.matmul(&self.w_uv_t)?; // [h, t, v]
@@ -586,27 +612,60 @@ impl Mla {
     }
 
     /// One sequence's `n` rows: rotated `q_rope` `[h, n, rope]`, `q_latent` `[h, n, rank]`, latent
-    /// `c` `[n, rank]` and rotated `k_rope` `[n, rope]`. Appends c and k_rope to the cache and
-    /// returns the attention output in latent space `[h, n, rank]`.
-    #[allow(clippy::too_many_arguments)]
+    /// `c` `[n, rank]` and rotated `k_rope` `[n, rope]`. Appends c and k_rope to the segment's cache
+    /// and returns the attention output in latent space `[h, n, rank]`.
     fn attend(
         &self,
         q_rope: &Tensor,
         q_latent: &Tensor,
         c: &Tensor,
         k_rope: &Tensor,
-        mask: Option<&Tensor>,
-        latent: &mut GrowingTensor,
-        rope_key: &mut GrowingTensor,
+        segment: &mut Segment,
     ) -> candle_core::Result<Tensor> {
         let (h, t) = (self.heads, q_rope.dim(1)?);
-        let c_all = latent.append(c)?; // [s, rank], f32 (see `Attention::new_cache`)
-        let k_rope_all = rope_key.append(k_rope)?; // [s, rope]
-        let s = c_all.dim(0)?;
-        let scores_rope = q_rope.reshape((h * t, self.rope_dim))?.matmul(&k_rope_all.t()?)?;
-        let scores_latent = q_latent.reshape((h * t, self.rank))?.matmul(&c_all.t()?)?;
-        let scores = ((scores_rope + scores_latent)? * self.softmax_scale)?.reshape((h, t, s))?;
-        let probs = masked_softmax(&scores, mask)?;
-        probs.reshape((h * t, s))?.matmul(&c_all)?.reshape((h, t, self.rank))
+        let LayerCache::Mla { latent, rope_key } = &mut *segment.cache else {
+            candle_core::bail!("attention kind and cache kind differ");
+        };
+        // The positions in order: a shared prefix's pieces, then this sequence's own. Scores are
+        // computed per piece and joined (small: heads x rows x positions), so a shared prefix is
+        // read in place, never copied.
+        let mut pieces = Vec::with_capacity(segment.shared.len() + 1);
+        for shared in &segment.shared {
+            let LayerCache::Mla { latent, rope_key } = shared.cache else {
+                candle_core::bail!("attention kind and cache kind differ");
+            };
+            let (Some(c), Some(k)) = (latent.rows(shared.len)?, rope_key.rows(shared.len)?) else {
+                candle_core::bail!("a shared prefix holds fewer than {} positions", shared.len);
+            };
+            pieces.push((c, k));
+        }
+        // [s, rank] and [s, rope], f32 (see `Attention::new_cache`).
+        pieces.push((latent.append(c)?, rope_key.append(k_rope)?));
+        let q_rope = q_rope.reshape((h * t, self.rope_dim))?;
+        let q_latent = q_latent.reshape((h * t, self.rank))?;
+        let scores = pieces
+            .iter()
+            .map(|(c, k)| q_rope.matmul(&k.t()?)? + q_latent.matmul(&c.t()?)?)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let scores = if scores.len() == 1 {
+            scores.into_iter().next().expect("one piece")
+        } else {
+            Tensor::cat(&scores, 1)?
+        };
+        let s = scores.dim(1)?;
+        let probs = masked_softmax(&(scores * self.softmax_scale)?.reshape((h, t, s))?, segment.mask)?;
+        let probs = probs.reshape((h * t, s))?;
+        let mut out: Option<Tensor> = None;
+        let mut start = 0;
+        for (c, _) in &pieces {
+            let n = c.dim(0)?;
+            let part = probs.narrow(1, start, n)?.matmul(c)?;
+            out = Some(match out {
+                None => part,
+                Some(sum) => (sum + part)?,
+            });
+            start += n;
+        }
+        out.expect("at least the own piece").reshape((h, t, self.rank))
     }
 }

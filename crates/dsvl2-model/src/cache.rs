@@ -2,6 +2,8 @@
 //! and the shared rotary key (kv_lora_rank + rope dims per token and layer), which is what makes
 //! MLA's cache several times smaller.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 /// A tensor that grows along dimension 0, with amortised doubling instead of a copy per token.
@@ -61,6 +63,19 @@ impl GrowingTensor {
     /// Keeps the first `len` rows (the buffer is reused).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// The first `len` rows (at most what it holds), `None` when that is none.
+    pub fn rows(&self, len: usize) -> candle_core::Result<Option<Tensor>> {
+        match &self.buffer {
+            Some(b) if len.min(self.len) > 0 => Ok(Some(b.narrow(0, 0, len.min(self.len))?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// An empty tensor of the same dtype.
+    fn empty_like(&self) -> Self {
+        GrowingTensor::new(self.dtype)
     }
 }
 
@@ -170,6 +185,27 @@ impl HeadCache {
         })
     }
 
+    /// The first `len` positions (at most what it holds), `None` when that is none.
+    pub fn rows(&self, len: usize) -> candle_core::Result<Option<HeadRowsView>> {
+        Ok(match self {
+            HeadCache::Float(t) => t.rows(len)?.map(HeadRowsView::Float),
+            HeadCache::I8 { values, scales } => match (values.rows(len)?, scales.rows(len)?) {
+                (Some(values), Some(scales)) => Some(HeadRowsView::I8 { values, scales }),
+                _ => None,
+            },
+        })
+    }
+
+    fn empty_like(&self) -> Self {
+        match self {
+            HeadCache::Float(t) => HeadCache::Float(t.empty_like()),
+            HeadCache::I8 { values, scales } => HeadCache::I8 {
+                values: values.empty_like(),
+                scales: scales.empty_like(),
+            },
+        }
+    }
+
     pub fn truncate(&mut self, len: usize) {
         match self {
             HeadCache::Float(t) => t.truncate(len),
@@ -220,9 +256,87 @@ pub enum LayerCache {
     },
 }
 
+impl LayerCache {
+    /// An empty cache of the same kind and format.
+    fn empty_like(&self) -> Self {
+        match self {
+            LayerCache::Mha { keys, values } => LayerCache::Mha {
+                keys: keys.empty_like(),
+                values: values.empty_like(),
+            },
+            LayerCache::Mla { latent, rope_key } => LayerCache::Mla {
+                latent: latent.empty_like(),
+                rope_key: rope_key.empty_like(),
+            },
+        }
+    }
+}
+
+/// The first `len` positions of one layer's cache, shared by the sequences that continue after
+/// them (see [`SharedPrefix`]).
+#[derive(Clone, Copy)]
+pub struct SharedRows<'a> {
+    pub cache: &'a LayerCache,
+    pub len: usize,
+}
+
+/// A frozen cache that any number of sequences continue from ([`Self::branch`]): its positions are
+/// held once and read by all of them. Several answers to one prompt (or one prefilled prompt
+/// answered again) then neither copy nor, when they decode in one batch, re-read the prompt's keys
+/// and values per sequence (see `dsvl2_kernels::decode_attention_shared`).
+#[derive(Debug, Clone)]
+pub struct SharedPrefix {
+    cache: Arc<SequenceCache>,
+    /// How many of `cache`'s positions are shared (a prefix may be cut short, see
+    /// [`SequenceCache::truncate`]).
+    len: usize,
+}
+
+impl SharedPrefix {
+    /// Number of shared positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A new sequence that continues after these positions: it holds only what comes after.
+    pub fn branch(&self) -> SequenceCache {
+        SequenceCache {
+            prefix: Some(self.clone()),
+            layers: self.cache.layers.iter().map(LayerCache::empty_like).collect(),
+            len: self.len,
+        }
+    }
+
+    /// Layer `layer`'s shared positions, in order: the pieces of this prefix's own prefixes, then
+    /// its own, cut to [`Self::len`] positions in all.
+    fn pieces<'a>(&'a self, layer: usize, out: &mut Vec<SharedRows<'a>>) {
+        let start = out.len();
+        if let Some(inner) = &self.cache.prefix {
+            inner.pieces(layer, out);
+        }
+        out.push(SharedRows {
+            cache: &self.cache.layers[layer],
+            len: self.cache.len - self.cache.prefix_len(),
+        });
+        let mut left = self.len;
+        for piece in &mut out[start..] {
+            piece.len = piece.len.min(left);
+            left -= piece.len;
+        }
+        out.retain(|p| p.len > 0);
+    }
+}
+
 /// Everything one sequence needs to continue decoding.
 #[derive(Debug)]
 pub struct SequenceCache {
+    /// Positions `0..prefix.len()`, held by a frozen cache this sequence shares with others.
+    prefix: Option<SharedPrefix>,
+    /// This sequence's own positions, from the prefix's end on.
     pub(crate) layers: Vec<LayerCache>,
     /// Tokens already processed (the position of the next token).
     pub(crate) len: usize,
@@ -230,7 +344,35 @@ pub struct SequenceCache {
 
 impl SequenceCache {
     pub(crate) fn new(layers: Vec<LayerCache>) -> Self {
-        SequenceCache { layers, len: 0 }
+        SequenceCache {
+            prefix: None,
+            layers,
+            len: 0,
+        }
+    }
+
+    /// Freezes this cache so that sequences can continue from it ([`SharedPrefix::branch`]).
+    pub fn share(self) -> SharedPrefix {
+        let len = self.len;
+        SharedPrefix {
+            cache: Arc::new(self),
+            len,
+        }
+    }
+
+    /// Positions held by a shared prefix rather than by this cache's own layers.
+    fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, SharedPrefix::len)
+    }
+
+    /// Layer `layer`'s shared positions (in order, empty without a prefix) and its own cache, which
+    /// holds the positions after them.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> (Vec<SharedRows<'_>>, &mut LayerCache) {
+        let mut shared = Vec::new();
+        if let Some(prefix) = &self.prefix {
+            prefix.pieces(layer, &mut shared);
+        }
+        (shared, &mut self.layers[layer])
     }
 
     /// Number of tokens processed so far.
@@ -242,8 +384,8 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// An independent copy: both can go on decoding without affecting each other (e.g. several
-    /// answers to one prefilled prompt).
+    /// An independent copy: both can go on decoding without affecting each other. A shared prefix
+    /// stays shared; to answer one prompt several times without copying it, see [`Self::share`].
     pub fn fork(&self) -> candle_core::Result<Self> {
         let layers = self
             .layers
@@ -261,21 +403,29 @@ impl SequenceCache {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(SequenceCache { layers, len: self.len })
+        Ok(SequenceCache {
+            prefix: self.prefix.clone(),
+            layers,
+            len: self.len,
+        })
     }
 
     /// Forgets everything after the first `len` tokens (e.g. to re-run a turn).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        if let Some(prefix) = &mut self.prefix {
+            prefix.len = prefix.len.min(self.len);
+        }
+        let own = self.len - self.prefix_len();
         for layer in &mut self.layers {
             match layer {
                 LayerCache::Mha { keys, values } => {
-                    keys.truncate(len);
-                    values.truncate(len);
+                    keys.truncate(own);
+                    values.truncate(own);
                 }
                 LayerCache::Mla { latent, rope_key } => {
-                    latent.truncate(len);
-                    rope_key.truncate(len);
+                    latent.truncate(own);
+                    rope_key.truncate(own);
                 }
             }
         }

@@ -289,10 +289,14 @@ impl LanguageModel {
             };
             let mut segments: Vec<Segment> = seqs
                 .iter_mut()
-                .map(|seq| Segment {
-                    rows: seq.rows,
-                    mask: seq.mask,
-                    cache: &mut seq.cache.layers[i],
+                .map(|seq| {
+                    let (shared, cache) = seq.cache.layer_mut(i);
+                    Segment {
+                        rows: seq.rows,
+                        mask: seq.mask,
+                        shared,
+                        cache,
+                    }
                 })
                 .collect();
             h = (&h + layer.attention.forward(&input, &self.rope, &mut segments)?)?;

@@ -20,7 +20,7 @@ mod vision;
 mod vl;
 mod weights;
 
-pub use cache::{CacheFormat, SequenceCache};
+pub use cache::{CacheFormat, SequenceCache, SharedPrefix};
 pub use dsvl2_kernels::{gemm_backend, openblas_coretype_fix};
 pub use error::ModelError;
 pub use generate::{check_context, generate, FinishReason, Generation};

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use dsvl2_model::{DType, DeepseekVl2, Device, ModelError, SequenceCache, Tensor};
+use dsvl2_model::{DType, DeepseekVl2, Device, ModelError, SequenceCache, SharedPrefix, Tensor};
 
 mod common;
 use common::*;
@@ -98,6 +98,16 @@ impl<'a> Running<'a> {
             solo,
             cache,
             tokens: vec![argmax(&logits)],
+        }
+    }
+
+    /// A sequence that continues after a shared copy of its prompt's cache (prefilled alone).
+    fn branch(name: &'static str, prefix: &SharedPrefix, solo: &'a Solo) -> Self {
+        Running {
+            name,
+            solo,
+            cache: prefix.branch(),
+            tokens: vec![solo.tokens[0]],
         }
     }
 
@@ -223,10 +233,71 @@ fn run_model(variant: &str, model: &DeepseekVl2) {
     for (i, s) in seqs.iter().enumerate() {
         assert!(s.done() || slot_of[i] == 2, "{}: did not finish", s.name);
     }
+    let worst_shared = shared_prefixes(variant, model, &prompts, &solos);
     println!(
         "{variant:>10}: max |batched - alone| logits: all 3 together {worst_full:.3e}, \
-         join/leave (batch sizes {sizes:?}) {worst_mixed:.3e} (tolerance {TOL_LOGITS:.0e})"
+         join/leave (batch sizes {sizes:?}) {worst_mixed:.3e}, branches of shared prefixes \
+         {worst_shared:.3e} (tolerance {TOL_LOGITS:.0e})"
     );
+}
+
+/// Sequences that continue from shared prompt caches (`SequenceCache::share`, `branch`) decode as
+/// the prompt alone does: two branches of each prompt in one batch of six; a branch cut back into
+/// its prefix and prefilled again (the attention over a prefix's pieces and its own rows); and a
+/// branch of that branch, so a prefix holds a prefix of its own. Returns the largest difference.
+fn shared_prefixes(variant: &str, model: &DeepseekVl2, prompts: &[(&'static str, Tensor)], solos: &[Solo]) -> f32 {
+    let prefixes: Vec<SharedPrefix> = prompts
+        .iter()
+        .map(|(_, e)| {
+            let mut cache = model.new_cache();
+            model.forward_embeds(e, &mut cache, None).unwrap();
+            cache.share()
+        })
+        .collect();
+    let mut seqs: Vec<Running> = prompts
+        .iter()
+        .zip(solos)
+        .zip(&prefixes)
+        .flat_map(|(((name, _), solo), prefix)| [0, 1].map(|_| Running::branch(name, prefix, solo)))
+        .collect();
+    let all: Vec<usize> = (0..seqs.len()).collect();
+    let mut worst = 0.0f32;
+    for _ in 0..STEPS {
+        worst = worst.max(batched_step(model, &format!("{variant} branches"), &mut seqs, &all));
+    }
+    // The frozen prompts are untouched by their branches.
+    for (prefix, (_, e)) in prefixes.iter().zip(prompts) {
+        assert_eq!(prefix.len(), e.dim(0).unwrap());
+    }
+
+    // Cut back five positions into the 37-token prompt's prefix and prefilled again from there.
+    let (embeds, solo) = (&prompts[1].1, &solos[1]);
+    let len = embeds.dim(0).unwrap();
+    let mut cache = prefixes[1].branch();
+    cache.truncate(len - 5);
+    assert_eq!(cache.len(), len - 5);
+    let tail = embeds.narrow(0, len - 5, 5).unwrap();
+    let logits = model.forward_embeds(&tail, &mut cache, None).unwrap();
+    let d = max_abs_diff(&logits, &solo.logits[0]);
+    assert!(
+        d <= TOL_LOGITS,
+        "{variant}: prompt prefilled after a cut prefix: {d:.3e}"
+    );
+    worst = worst.max(d);
+    // Two steps on it, then a branch of it (prefix of a prefix) for the rest.
+    let mut tokens = vec![solo.tokens[0]];
+    for step in 1..=STEPS {
+        if step == 3 {
+            cache = cache.share().branch();
+        }
+        let logits = model.step(*tokens.last().unwrap(), &mut cache).unwrap();
+        let d = max_abs_diff(&logits, &solo.logits[step]);
+        assert!(d <= TOL_LOGITS, "{variant}: step {step} after a cut prefix: {d:.3e}");
+        worst = worst.max(d);
+        tokens.push(argmax(&logits));
+    }
+    assert_eq!(tokens, solo.tokens, "{variant}: greedy tokens after a cut prefix");
+    worst
 }
 
 #[test]

@@ -3,6 +3,8 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod amx_attention;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod amx_bf16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;

@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::Context;
 use dsvl2_config::ModelConfig;
 use dsvl2_model::sampling::argmax;
-use dsvl2_model::{check_context, DeepseekVl2, Sampler, SamplingParams, SequenceCache, Tensor};
+use dsvl2_model::{check_context, DeepseekVl2, Sampler, SamplingParams, SequenceCache, SharedPrefix, Tensor};
 use dsvl2_processor::Conversation;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -166,7 +166,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let logits = model.forward_embeds(&embeds, &mut cache, None)?;
     let first = argmax(&logits.to_vec1::<f32>()?);
     let prefill_s = started.elapsed().as_secs_f64();
-    let prefilled = cache.fork()?;
+    // The batches continue from this copy of the prompt's cache, held once (see `decode_batch`).
+    let prefilled = cache.fork()?.share();
 
     // Batch 1: the request as `generate` runs it, greedy, N tokens.
     let started = Instant::now();
@@ -266,13 +267,13 @@ fn ratio(gflops: f64, seconds: f64, peak: f64) -> f64 {
 /// prompt only 6-10, as the random model keeps choosing the same few tokens there.
 fn decode_batch(
     model: &DeepseekVl2,
-    prefilled: &SequenceCache,
+    prefilled: &SharedPrefix,
     first: u32,
     batch: usize,
     sample_after: Option<&[u32]>,
     n: usize,
 ) -> anyhow::Result<f64> {
-    let mut caches = (0..batch).map(|_| prefilled.fork()).collect::<Result<Vec<_>, _>>()?;
+    let mut caches: Vec<SequenceCache> = (0..batch).map(|_| prefilled.branch()).collect();
     let mut samplers: Vec<(Sampler, Vec<u32>)> = match sample_after {
         Some(prompt) => (0..batch)
             .map(|i| {
