@@ -96,18 +96,24 @@ pub(crate) unsafe fn configure_tiles(shapes: &[(u8, u16)]) {
     unsafe { asm!("ldtilecfg [{}]", in(reg) &c as *const TileConfig, options(nostack, readonly)) };
 }
 
-/// Tiles for `rows` activation rows: 0 holds the dot products (`rows` x 16 i32), 1 the activations'
-/// block (`rows` x 32 bytes), 2 the group's block of weights (8 x 64 bytes).
+/// Tiles for `rows` activation rows: 0 and 3 hold the dot products of two groups (`rows` x 16 i32),
+/// 1 the activations' block (`rows` x 32 bytes), 2 and 4 the two groups' blocks of weights (8 x 64
+/// bytes).
 ///
 /// # Safety
 /// AMX must be [`available`].
 unsafe fn load_config(rows: usize) {
-    configure_tiles(&[(rows as u8, 64), (rows as u8, 32), (8, 64)]);
+    let (dots, acts, weights) = ((rows as u8, 64), (rows as u8, 32), (8, 64));
+    configure_tiles(&[dots, acts, weights, dots, weights]);
 }
 
 /// `y[i · y_stride + k]` for the `m` activation rows and the `nrows` weight rows of `w` (q8_0_r16
-/// groups), 16 activation rows at a time (the tiles are configured again whenever the count changes:
-/// at most twice per group, for the last, partial tile and back).
+/// groups), two groups and 16 activation rows at a time (the tiles are configured again whenever the
+/// count of rows changes: at most twice per pair of groups, for the last, partial tile and back).
+///
+/// Two groups per pass: one group's block is a chain of dependent tile operations (zero, multiply,
+/// store) whose latency, at 8 activation rows, was most of a block's time; two independent chains
+/// overlap, and the activations' tile is loaded once for both.
 ///
 /// # Safety
 /// AMX-INT8 must be [`available`] and AVX-512 F/BW/VL and F16C detected; `w` must hold `nrows / 16`
@@ -121,21 +127,31 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y: *mut f32,
     y_stride: usize,
 ) {
+    let group_bytes = acts.cols / QK8_0 * Q8_0R16_GROUP_BYTES;
+    let groups = nrows / R16;
+    debug_assert!(nrows.is_multiple_of(R16) && w.len() >= groups * group_bytes);
     let mut configured = 0;
-    let mut dots = Dots([0; 16 * R16]);
-    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, first, out| {
-        let rows = (m - first).min(16);
-        if rows != configured {
-            load_config(rows);
-            configured = rows;
+    let mut dots = [Dots([0; 16 * R16]), Dots([0; 16 * R16])];
+    for g in (0..groups).step_by(2) {
+        let pair = g + 1 < groups;
+        let group = w.as_ptr().add(g * group_bytes);
+        let mut first = 0;
+        while first < m {
+            let rows = (m - first).min(16);
+            if rows != configured {
+                load_config(rows);
+                configured = rows;
+            }
+            let out = y.add(first * y_stride + g * R16);
+            match (pair, rows > 8) {
+                (true, true) => tile::<16, 2>(group, group_bytes, acts, first, rows, out, y_stride, &mut dots),
+                (true, false) => tile::<8, 2>(group, group_bytes, acts, first, rows, out, y_stride, &mut dots),
+                (false, true) => tile::<16, 1>(group, group_bytes, acts, first, rows, out, y_stride, &mut dots),
+                (false, false) => tile::<8, 1>(group, group_bytes, acts, first, rows, out, y_stride, &mut dots),
+            }
+            first += rows;
         }
-        if rows > 8 {
-            tile::<16>(group, acts, first, rows, out, y_stride, &mut dots);
-        } else {
-            tile::<8>(group, acts, first, rows, out, y_stride, &mut dots);
-        }
-        rows
-    });
+    }
     if configured != 0 {
         asm!("tilerelease", options(nostack, nomem));
     }
@@ -146,49 +162,83 @@ pub(crate) unsafe fn gemv_q8_0_r16(
 #[repr(C, align(64))]
 struct Dots([i32; 16 * R16]);
 
-/// One group's 16 weight rows against activation rows `first..first + rows` (`rows <= ROWS`, the
-/// configured tile rows). `ROWS` is the size of the f32 epilogue (8 or 16 registers); rows past
-/// `rows` are computed from stale values in `dots` and not stored.
+/// `GROUPS` (1 or 2) consecutive groups' 16 weight rows each (the first at `group`, the next
+/// `group_bytes` on) against activation rows `first..first + rows` (`rows <= ROWS`, the configured
+/// tile rows). `ROWS` is the size of the f32 epilogue (8 or 16 registers); rows past `rows` are
+/// computed from stale values in `dots` and not stored. Group `k`'s results go to `y + 16k`.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn tile<const ROWS: usize>(
+unsafe fn tile<const ROWS: usize, const GROUPS: usize>(
     group: *const u8,
+    group_bytes: usize,
     acts: &QuantizedActs,
     first: usize,
     rows: usize,
     y: *mut f32,
     y_stride: usize,
-    dots: &mut Dots,
+    dots: &mut [Dots; 2],
 ) {
     let nb = acts.cols / QK8_0;
     let xq = acts.q.as_ptr().add(first * acts.cols);
     // Scales of the tile's rows; rows past `rows` read the last one (their results are dropped).
     let xd: [*const f32; ROWS] = std::array::from_fn(|r| acts.d.as_ptr().add((first + r.min(rows - 1)) * acts.stride));
-    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut acc = [[_mm512_setzero_ps(); ROWS]; GROUPS];
+    let [d0, d1] = dots;
     for b in 0..nb {
         let blk = group.add(b * Q8_0R16_GROUP_BYTES);
-        super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
-        asm!(
-            "tilezero tmm0",
-            "tileloadd tmm1, [{x} + {xs} * 1]",
-            "tileloadd tmm2, [{w} + {ws} * 1]",
-            "tdpbssd tmm0, tmm1, tmm2",
-            "tilestored [{d} + {ws} * 1], tmm0",
-            x = in(reg) xq.add(b * QK8_0),
-            xs = in(reg) acts.cols,
-            w = in(reg) blk.add(2 * R16),
-            ws = in(reg) 64usize,
-            d = in(reg) dots.0.as_mut_ptr(),
-            options(nostack),
-        );
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-        for r in 0..ROWS {
-            let dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots.0.as_ptr().add(r * R16) as *const __m512i));
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
-            acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
+        let blocks: [*const u8; GROUPS] = std::array::from_fn(|k| blk.add(k * group_bytes));
+        for &blk in &blocks {
+            super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
+        }
+        if GROUPS == 2 {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm3",
+                "tileloadd tmm1, [{x} + {xs} * 1]",
+                "tileloadd tmm2, [{w0} + {ws} * 1]",
+                "tileloadd tmm4, [{w1} + {ws} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tdpbssd tmm3, tmm1, tmm4",
+                "tilestored [{d0} + {ws} * 1], tmm0",
+                "tilestored [{d1} + {ws} * 1], tmm3",
+                x = in(reg) xq.add(b * QK8_0),
+                xs = in(reg) acts.cols,
+                w0 = in(reg) blocks[0].add(2 * R16),
+                w1 = in(reg) blocks[GROUPS - 1].add(2 * R16),
+                ws = in(reg) 64usize,
+                d0 = in(reg) d0.0.as_mut_ptr(),
+                d1 = in(reg) d1.0.as_mut_ptr(),
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tileloadd tmm1, [{x} + {xs} * 1]",
+                "tileloadd tmm2, [{w} + {ws} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tilestored [{d} + {ws} * 1], tmm0",
+                x = in(reg) xq.add(b * QK8_0),
+                xs = in(reg) acts.cols,
+                w = in(reg) blk.add(2 * R16),
+                ws = in(reg) 64usize,
+                d = in(reg) d0.0.as_mut_ptr(),
+                options(nostack),
+            );
+        }
+        for k in 0..GROUPS {
+            let dots = if k == 0 { &*d0 } else { &*d1 };
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blocks[k] as *const __m256i));
+            for r in 0..ROWS {
+                let dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots.0.as_ptr().add(r * R16) as *const __m512i));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                acc[k][r] = _mm512_fmadd_ps(dot, scale, acc[k][r]);
+            }
         }
     }
-    for r in 0..rows.min(ROWS) {
-        _mm512_storeu_ps(y.add(r * y_stride), acc[r]);
+    for k in 0..GROUPS {
+        for r in 0..rows.min(ROWS) {
+            _mm512_storeu_ps(y.add(r * y_stride + k * R16), acc[k][r]);
+        }
     }
 }
