@@ -9,6 +9,7 @@
 //! Batching does not change results: every sequence has its own cache, positions and sampler, and
 //! only the weight matmuls are shared (see dsvl2-model's batched-decode test).
 
+mod prompt_cache;
 mod scheduler;
 mod sequence;
 
@@ -31,6 +32,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Prompt tokens prefilled per scheduler iteration for one sequence.
     pub prefill_chunk: usize,
+    /// Bytes of recently prefilled prompts' caches kept for requests that repeat a prompt exactly
+    /// (they skip the vision tower and the prefill); 0 keeps none.
+    pub prompt_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +43,7 @@ impl Default for EngineConfig {
             max_queue: 32,
             max_running: 8,
             prefill_chunk: 256,
+            prompt_cache_bytes: 256 << 20,
         }
     }
 }
@@ -97,6 +102,8 @@ pub enum SubmitError {
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Requests that started from a kept prompt (see [`EngineConfig::prompt_cache_bytes`]).
+    pub prompt_cache_hits: AtomicUsize,
 }
 
 /// The language model's input `[len, hidden]` for a prepared request: token embeddings with the
@@ -121,6 +128,7 @@ pub fn embed_prepared(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<T
 
 pub(crate) struct Job {
     pub request: GenerateRequest,
+    pub prompt: prompt_cache::PromptKey,
     pub events: UnboundedSender<Event>,
     pub submitted: Instant,
 }
@@ -192,6 +200,7 @@ impl Engine {
         .map_err(SubmitError::ContextOverflow)?;
         let (events, receiver) = unbounded_channel();
         let job = Job {
+            prompt: prompt_cache::PromptKey::of(&request.prepared),
             request,
             events,
             submitted: Instant::now(),

@@ -8,6 +8,7 @@ use dsvl2_model::DeepseekVl2;
 use dsvl2_processor::Processor;
 use rayon::prelude::*;
 
+use crate::prompt_cache::PromptCache;
 use crate::sequence::Sequence;
 use crate::{EngineConfig, EngineStats, Job};
 
@@ -19,6 +20,7 @@ pub(crate) fn run(
     stats: &EngineStats,
 ) {
     let mut running: Vec<Sequence> = Vec::new();
+    let mut prompts = PromptCache::new(config.prompt_cache_bytes);
     let mut open = true;
     loop {
         // Admit: block only when there is nothing else to do.
@@ -54,7 +56,9 @@ pub(crate) fn run(
         stats.running.store(running.len(), Ordering::SeqCst);
 
         // A panic in model code fails the requests of this iteration, not the server.
-        let iteration = catch_unwind(AssertUnwindSafe(|| step(model, config, &mut running)));
+        let iteration = catch_unwind(AssertUnwindSafe(|| {
+            step(model, config, &mut running, &mut prompts, stats)
+        }));
         if let Err(panic) = iteration {
             let message = panic
                 .downcast_ref::<String>()
@@ -71,7 +75,13 @@ pub(crate) fn run(
 }
 
 /// One iteration over the running sequences.
-fn step(model: &DeepseekVl2, config: &EngineConfig, running: &mut [Sequence]) {
+fn step(
+    model: &DeepseekVl2,
+    config: &EngineConfig,
+    running: &mut [Sequence],
+    prompts: &mut PromptCache,
+    stats: &EngineStats,
+) {
     for seq in running.iter_mut().filter(|s| s.is_cancelled()) {
         seq.phase = crate::sequence::Phase::Finished;
     }
@@ -96,10 +106,22 @@ fn step(model: &DeepseekVl2, config: &EngineConfig, running: &mut [Sequence]) {
             }
         }
     }
-    // Then one prefill chunk for the oldest sequence still prefilling.
-    if let Some(seq) = running.iter_mut().find(|s| s.is_prefilling()) {
-        if let Err(e) = seq.prefill_chunk(model, config.prefill_chunk) {
-            seq.fail(&format!("prefill failed: {e}"));
+    // Then one prefill chunk for the oldest sequence still prefilling. Prompts are prefilled one
+    // after the other, so a prompt sent several times at once is computed once: the copies find it
+    // in the prompt cache when their turn comes, and start from it without a chunk of their own.
+    while let Some(seq) = running.iter_mut().find(|s| s.is_prefilling()) {
+        if seq.prefill_pending() {
+            if let Some((prefix, logits)) = prompts.get(seq.prompt()) {
+                stats.prompt_cache_hits.fetch_add(1, Ordering::SeqCst);
+                seq.start_from(&prefix, logits);
+                continue;
+            }
         }
+        match seq.prefill_chunk(model, config.prefill_chunk) {
+            Ok(Some((key, prefix, logits))) => prompts.insert(key, prefix, logits),
+            Ok(None) => {}
+            Err(e) => seq.fail(&format!("prefill failed: {e}")),
+        }
+        break;
     }
 }

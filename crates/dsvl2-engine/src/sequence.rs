@@ -2,9 +2,10 @@
 
 use std::time::Instant;
 
-use dsvl2_model::{DeepseekVl2, FinishReason, ModelError, Sampler, SequenceCache, Tensor};
+use dsvl2_model::{DeepseekVl2, FinishReason, ModelError, Sampler, SequenceCache, SharedPrefix, Tensor};
 use dsvl2_processor::{AnswerText, Processor};
 
+use crate::prompt_cache::PromptKey;
 use crate::{Completion, Event, Job};
 
 pub(crate) enum Phase {
@@ -51,6 +52,23 @@ impl<'p> Sequence<'p> {
         }
     }
 
+    /// What identifies this sequence's prompt in the prompt cache.
+    pub fn prompt(&self) -> &PromptKey {
+        &self.job.prompt
+    }
+
+    /// Whether the prefill has not begun (nothing of the prompt computed yet).
+    pub fn prefill_pending(&self) -> bool {
+        matches!(self.phase, Phase::Prefill { embeds: None, done: 0 })
+    }
+
+    /// Skips the prefill: the prompt's frozen cache and last logits (from the prompt cache) are
+    /// this sequence's, and its first token is sampled at once.
+    pub fn start_from(&mut self, prefix: &SharedPrefix, logits: Vec<f32>) {
+        self.cache = prefix.branch();
+        self.accept(logits);
+    }
+
     /// The client is gone: nobody reads this sequence any more.
     pub fn is_cancelled(&self) -> bool {
         self.job.events.is_closed()
@@ -72,10 +90,16 @@ impl<'p> Sequence<'p> {
     }
 
     /// Runs the next chunk of the prompt (the vision tower first, on the first call). After the
-    /// last chunk the first token is sampled.
-    pub fn prefill_chunk(&mut self, model: &DeepseekVl2, chunk: usize) -> Result<(), ModelError> {
+    /// last chunk the first token is sampled, and the prompt's cache is frozen: this sequence goes
+    /// on as a branch of it, and it is returned with its key and logits for the prompt cache (so a
+    /// sequence that hits the cache later decodes exactly as this one).
+    pub fn prefill_chunk(
+        &mut self,
+        model: &DeepseekVl2,
+        chunk: usize,
+    ) -> Result<Option<(PromptKey, SharedPrefix, Vec<f32>)>, ModelError> {
         let Phase::Prefill { embeds, done } = &mut self.phase else {
-            return Ok(());
+            return Ok(None);
         };
         let prepared = &self.job.request.prepared;
         if embeds.is_none() {
@@ -86,10 +110,14 @@ impl<'p> Sequence<'p> {
         let n = chunk.max(1).min(len - *done);
         let logits = model.forward_embeds(&all.narrow(0, *done, n)?, &mut self.cache, None)?;
         *done += n;
-        if *done == len {
-            self.accept(logits.to_vec1()?);
+        if *done < len {
+            return Ok(None);
         }
-        Ok(())
+        let prefix = std::mem::replace(&mut self.cache, model.new_cache()).share();
+        self.cache = prefix.branch();
+        let logits: Vec<f32> = logits.to_vec1()?;
+        self.accept(logits.clone());
+        Ok(Some((self.job.prompt, prefix, logits)))
     }
 
     /// Takes the logits of this sequence's latest position: samples, streams, decides whether to go on.

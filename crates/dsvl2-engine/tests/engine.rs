@@ -91,6 +91,63 @@ fn concurrent_requests_get_their_sequential_answers() {
     assert_eq!(together[0].1.prompt_tokens, 831);
 }
 
+/// A prompt asked again (same text, same image) starts from the kept prefill: no vision tower, no
+/// prefill, and exactly the answer an engine that keeps nothing gives, greedy or sampled; another
+/// image misses, and copies of a prompt sent together are prefilled once.
+#[test]
+fn a_repeated_prompt_starts_from_its_kept_prefill() {
+    let (engine, processor) = start("tiny-like", EngineConfig::default());
+    let (cold, _) = start(
+        "tiny-like",
+        EngineConfig {
+            prompt_cache_bytes: 0,
+            ..EngineConfig::default()
+        },
+    );
+    let prompt = prepare(&processor, "<image>\nWhat is this?", &["small_photo.png"]);
+    let hits = |e: &Engine| e.stats().prompt_cache_hits.load(Ordering::SeqCst);
+    let first = collect(engine.submit(greedy(prompt.clone(), 16)).unwrap()).1;
+    assert_eq!(hits(&engine), 0);
+    let again = collect(engine.submit(greedy(prompt.clone(), 16)).unwrap()).1;
+    assert_eq!(hits(&engine), 1);
+    assert_eq!(again.tokens, first.tokens);
+    assert_eq!(again.text, first.text);
+    // Sampled answers with two seeds, both at once (they decode together as branches of one prompt),
+    // against the engine that keeps nothing.
+    let sampled = |seed| GenerateRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed,
+            ..SamplingParams::default()
+        },
+        ..greedy(prompt.clone(), 16)
+    };
+    let receivers: Vec<_> = [3, 4].map(|seed| engine.submit(sampled(seed)).unwrap()).into();
+    let warm: Vec<Completion> = receivers.into_iter().map(|r| collect(r).1).collect();
+    assert_eq!(hits(&engine), 3);
+    for (seed, warm) in [3, 4].into_iter().zip(&warm) {
+        let cold = collect(cold.submit(sampled(seed)).unwrap()).1;
+        assert_eq!(
+            warm.tokens, cold.tokens,
+            "seed {seed}: the kept prompt changed the answer"
+        );
+    }
+    assert_eq!(hits(&cold), 0);
+    assert_ne!(warm[0].tokens, warm[1].tokens, "two seeds, two answers");
+    // Another image with the same text is another prompt; sent three times at once, it is
+    // prefilled once (prompts are prefilled one after the other, the copies find the first's).
+    let other = prepare(&processor, "<image>\nWhat is this?", &["wide_street.png"]);
+    let receivers: Vec<_> = (0..3)
+        .map(|_| engine.submit(greedy(other.clone(), 4)).unwrap())
+        .collect();
+    let answers: Vec<Completion> = receivers.into_iter().map(|r| collect(r).1).collect();
+    assert_eq!(hits(&engine), 5);
+    assert!(answers.iter().all(|a| a.tokens == answers[0].tokens));
+    assert_ne!(answers[0].tokens, first.tokens);
+}
+
 #[test]
 fn a_dropped_receiver_frees_the_slot() {
     let (engine, processor) = start(
@@ -126,6 +183,7 @@ fn limits_are_enforced_at_submission() {
             max_queue: 1,
             max_running: 1,
             prefill_chunk: 64,
+            ..EngineConfig::default()
         },
     );
     let too_long = greedy(prepare(&processor, "hi", &[]), 5000);

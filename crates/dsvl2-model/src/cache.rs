@@ -73,6 +73,13 @@ impl GrowingTensor {
         }
     }
 
+    /// Bytes of the buffer (what it holds and the room to grow).
+    fn bytes(&self) -> usize {
+        self.buffer
+            .as_ref()
+            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
     /// An empty tensor of the same dtype.
     fn empty_like(&self) -> Self {
         GrowingTensor::new(self.dtype)
@@ -196,6 +203,13 @@ impl HeadCache {
         })
     }
 
+    fn bytes(&self) -> usize {
+        match self {
+            HeadCache::Float(t) => t.bytes(),
+            HeadCache::I8 { values, scales } => values.bytes() + scales.bytes(),
+        }
+    }
+
     fn empty_like(&self) -> Self {
         match self {
             HeadCache::Float(t) => HeadCache::Float(t.empty_like()),
@@ -257,6 +271,13 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
+    fn bytes(&self) -> usize {
+        match self {
+            LayerCache::Mha { keys, values } => keys.bytes() + values.bytes(),
+            LayerCache::Mla { latent, rope_key } => latent.bytes() + rope_key.bytes(),
+        }
+    }
+
     /// An empty cache of the same kind and format.
     fn empty_like(&self) -> Self {
         match self {
@@ -300,6 +321,11 @@ impl SharedPrefix {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes held by the frozen cache itself (not by the prefixes it continues from, if any).
+    pub fn bytes(&self) -> usize {
+        self.cache.layers.iter().map(LayerCache::bytes).sum()
     }
 
     /// A new sequence that continues after these positions: it holds only what comes after.

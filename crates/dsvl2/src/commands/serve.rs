@@ -65,6 +65,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_running: usize,
 
+    /// MiB of recently prefilled prompts kept: a request that repeats one exactly (same text and
+    /// images) skips the vision tower and the prefill (0: keep none).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub prompt_cache_mib: usize,
+
     /// After SIGTERM/SIGINT, seconds that requests in flight get to finish.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -100,6 +105,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine_config = EngineConfig {
         max_queue: args.max_queue.max(1),
         max_running: args.max_running.max(1),
+        prompt_cache_bytes: args.prompt_cache_mib << 20,
         ..EngineConfig::default()
     };
 
