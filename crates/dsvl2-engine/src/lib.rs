@@ -32,8 +32,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Prompt tokens prefilled per scheduler iteration for one sequence.
     pub prefill_chunk: usize,
-    /// Bytes of recently prefilled prompts' caches kept for requests that repeat a prompt exactly
-    /// (they skip the vision tower and the prefill); 0 keeps none.
+    /// Bytes of recently prefilled prompts' and finished conversations' caches kept for requests
+    /// that start the same way (a repeated prompt skips the vision tower and the prefill, a chat's
+    /// next turn prefills only what is new); 0 keeps none.
     pub prompt_cache_bytes: usize,
 }
 
@@ -102,13 +103,58 @@ pub enum SubmitError {
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
-    /// Requests that started from a kept prompt (see [`EngineConfig::prompt_cache_bytes`]).
+    /// Requests that started from a kept prompt or conversation (see
+    /// [`EngineConfig::prompt_cache_bytes`]).
     pub prompt_cache_hits: AtomicUsize,
+    /// Prompt positions those requests did not prefill.
+    pub prompt_cache_positions: AtomicUsize,
 }
 
 /// The language model's input `[len, hidden]` for a prepared request: token embeddings with the
 /// image embeddings (vision tower over all tiles, projector, 2D layout) at the image positions.
 pub fn embed_prepared(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<Tensor, ModelError> {
+    embed_prepared_from(model, prepared, 0)
+}
+
+/// [`embed_prepared`] for positions `from..` only: the vision tower runs only for the images there.
+/// `from` must not fall inside an image's positions.
+pub(crate) fn embed_prepared_from(
+    model: &DeepseekVl2,
+    prepared: &PreparedInput,
+    from: usize,
+) -> Result<Tensor, ModelError> {
+    if from == 0 {
+        return embed_all(model, prepared);
+    }
+    // The images whose positions come before `from`, and their tiles.
+    let before = prepared.images_seq_mask[..from].iter().filter(|&&m| m).count();
+    let (mut images, mut seen) = (0, 0);
+    while images < prepared.num_image_tokens.len() && seen < before {
+        seen += prepared.num_image_tokens[images];
+        images += 1;
+    }
+    if seen != before {
+        return Err(ModelError::Input(format!("position {from} is inside an image")));
+    }
+    let tiles: usize = prepared.images_spatial_crop[..images]
+        .iter()
+        .map(|[w, h]| 1 + w * h)
+        .sum();
+    let tile_values = 3 * prepared.tile_size * prepared.tile_size;
+    let rest = PreparedInput {
+        sft_format: String::new(),
+        input_ids: prepared.input_ids[from..].to_vec(),
+        images_seq_mask: prepared.images_seq_mask[from..].to_vec(),
+        images_spatial_crop: prepared.images_spatial_crop[images..].to_vec(),
+        num_image_tokens: prepared.num_image_tokens[images..].to_vec(),
+        pixel_values: prepared.pixel_values[tiles * tile_values..].to_vec(),
+        n_tiles: prepared.n_tiles - tiles,
+        tile_size: prepared.tile_size,
+    };
+    embed_all(model, &rest)
+}
+
+fn embed_all(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<Tensor, ModelError> {
     let pixels = if prepared.n_tiles > 0 {
         let [n, c, h, w] = prepared.pixel_shape();
         Some(Tensor::from_slice(
@@ -128,7 +174,7 @@ pub fn embed_prepared(model: &DeepseekVl2, prepared: &PreparedInput) -> Result<T
 
 pub(crate) struct Job {
     pub request: GenerateRequest,
-    pub prompt: prompt_cache::PromptKey,
+    pub prompt: prompt_cache::PromptTokens,
     pub events: UnboundedSender<Event>,
     pub submitted: Instant,
 }
@@ -200,7 +246,7 @@ impl Engine {
         .map_err(SubmitError::ContextOverflow)?;
         let (events, receiver) = unbounded_channel();
         let job = Job {
-            prompt: prompt_cache::PromptKey::of(&request.prepared),
+            prompt: prompt_cache::PromptTokens::of(&request.prepared),
             request,
             events,
             submitted: Instant::now(),

@@ -1,13 +1,15 @@
-//! Recently prefilled prompts, kept so that the same prompt asked again (a regenerated answer,
-//! another sample, a client asking for several answers one request at a time) skips the vision
-//! tower and the prefill: a new request whose prompt matches one of them starts from that prompt's
-//! frozen cache ([`SharedPrefix::branch`]) and the logits of its last position. Sequences that branch
-//! from one prompt also share its positions when they decode in one batch (the attention reads them
-//! once).
+//! Recently prefilled prompts and finished conversations, kept so that a request that starts the
+//! same way skips that part of the work: the same prompt asked again (another sample, a regenerated
+//! answer) starts from its frozen cache ([`SharedPrefix::branch`]) and the logits of its last
+//! position, with neither the vision tower nor the prefill; the next turn of a chat (which resends
+//! the whole conversation) starts from the longest kept prefix of it, images included, and prefills
+//! only the rest. Sequences that branch from one prompt also share its positions when they decode
+//! in one batch (the attention reads them once).
 //!
-//! A prompt is matched exactly: its token ids, image positions, image layout and every pixel value
-//! (a SHA-256 of them all, [`PromptKey`]). Entries are dropped oldest first to stay within a byte
-//! budget; memory an entry holds is freed when the last sequence branched from it finishes.
+//! Prefixes are matched exactly: token ids, and for every image within the prefix its placeholder
+//! positions, tile grid and every pixel value (a SHA-256 per image). Entries are dropped oldest
+//! first to stay within a byte budget; the memory an entry holds is freed when the last sequence
+//! branched from it finishes.
 
 use std::collections::VecDeque;
 
@@ -15,33 +17,112 @@ use dsvl2_model::SharedPrefix;
 use dsvl2_processor::PreparedInput;
 use sha2::{Digest, Sha256};
 
-/// What identifies a prompt's prefill: everything the language model's input depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PromptKey([u8; 32]);
+/// Fewest positions a kept prefix must give a request to be used (shorter ones are prefilled anew).
+const MIN_SHARED: usize = 16;
 
-impl PromptKey {
-    pub fn of(prepared: &PreparedInput) -> PromptKey {
-        let mut hash = Sha256::new();
-        let ids = &prepared.input_ids;
-        part(&mut hash, b"ids", ids.len(), ids.iter().flat_map(|i| i.to_le_bytes()));
-        let mask = &prepared.images_seq_mask;
-        part(&mut hash, b"mask", mask.len(), mask.iter().map(|&m| m as u8));
-        let crops = &prepared.images_spatial_crop;
-        let crop_bytes = crops.iter().flatten().flat_map(|&c| (c as u64).to_le_bytes());
-        part(&mut hash, b"crops", crops.len(), crop_bytes);
-        let pixels = &prepared.pixel_values;
-        part(
-            &mut hash,
-            b"pixels",
-            pixels.len(),
-            pixels.iter().flat_map(|p| p.to_bits().to_le_bytes()),
-        );
-        PromptKey(hash.finalize().into())
+/// What a request's language-model input depends on, in a form prefixes can be compared in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PromptTokens {
+    ids: Vec<u32>,
+    mask: Vec<bool>,
+    images: Vec<ImageSpan>,
+}
+
+/// One image's placeholder positions and a digest of its tile grid and pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ImageSpan {
+    start: usize,
+    end: usize,
+    digest: [u8; 32],
+}
+
+impl PromptTokens {
+    pub fn of(prepared: &PreparedInput) -> PromptTokens {
+        let tile_values = 3 * prepared.tile_size * prepared.tile_size;
+        let mut images = Vec::with_capacity(prepared.num_image_tokens.len());
+        let mut position = 0;
+        let mut tile = 0;
+        for (i, &count) in prepared.num_image_tokens.iter().enumerate() {
+            // Image i takes the next `count` image positions (one block in the reference's prompts).
+            let slots: Vec<usize> = (position..prepared.images_seq_mask.len())
+                .filter(|&p| prepared.images_seq_mask[p])
+                .take(count)
+                .collect();
+            let (start, end) = match (slots.first(), slots.last()) {
+                (Some(&first), Some(&last)) => (first, last + 1),
+                _ => (position, position),
+            };
+            position = end;
+            let [w, h] = prepared.images_spatial_crop.get(i).copied().unwrap_or([0, 0]);
+            let tiles = 1 + w * h;
+            let pixels = prepared
+                .pixel_values
+                .get(tile * tile_values..((tile + tiles) * tile_values).min(prepared.pixel_values.len()))
+                .unwrap_or(&[]);
+            tile += tiles;
+            let mut hash = Sha256::new();
+            part(
+                &mut hash,
+                b"grid",
+                2,
+                [w, h].iter().flat_map(|&c| (c as u64).to_le_bytes()),
+            );
+            part(
+                &mut hash,
+                b"pixels",
+                pixels.len(),
+                pixels.iter().flat_map(|p| p.to_bits().to_le_bytes()),
+            );
+            images.push(ImageSpan {
+                start,
+                end,
+                digest: hash.finalize().into(),
+            });
+        }
+        PromptTokens {
+            ids: prepared.input_ids.clone(),
+            mask: prepared.images_seq_mask.clone(),
+            images,
+        }
+    }
+
+    /// These tokens followed by `more` text tokens (an answer; no images).
+    pub fn extended(&self, more: &[u32]) -> PromptTokens {
+        let mut tokens = self.clone();
+        tokens.ids.extend_from_slice(more);
+        tokens.mask.extend(more.iter().map(|_| false));
+        tokens
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// How many leading positions `self` and `other` have in common: the same ids, and every image
+    /// that starts within them the same image at the same positions, wholly within them.
+    fn common_len(&self, other: &PromptTokens) -> usize {
+        let mut len = self
+            .ids
+            .iter()
+            .zip(&other.ids)
+            .zip(self.mask.iter().zip(&other.mask))
+            .take_while(|((a, b), (m, n))| a == b && m == n)
+            .count();
+        for (i, image) in self.images.iter().enumerate() {
+            if image.start >= len {
+                break;
+            }
+            if other.images.get(i) != Some(image) || image.end > len {
+                len = image.start;
+                break;
+            }
+        }
+        len
     }
 }
 
-/// Hashes one part of a prompt: its name and count first, so that no two different inputs write the
-/// same bytes.
+/// Hashes one part of an image: its name and count first, so that no two different inputs write
+/// the same bytes.
 fn part(hash: &mut Sha256, name: &[u8], count: usize, bytes: impl Iterator<Item = u8>) {
     hash.update(name);
     hash.update((count as u64).to_le_bytes());
@@ -56,15 +137,25 @@ fn part(hash: &mut Sha256, name: &[u8], count: usize, bytes: impl Iterator<Item 
     hash.update(&buffer);
 }
 
+/// Where a request can start (see [`PromptCache::find`]).
+pub(crate) enum Start {
+    /// The whole prompt is kept: its cache and the logits of its last position.
+    Prefilled { prefix: SharedPrefix, logits: Vec<f32> },
+    /// The first `len` positions (fewer than the prompt's) are kept in `prefix`.
+    After { prefix: SharedPrefix, len: usize },
+}
+
 struct Entry {
-    key: PromptKey,
+    tokens: PromptTokens,
+    /// Holds the positions of `tokens` (the first `tokens.len()` of it).
     prefix: SharedPrefix,
-    /// The logits of the prompt's last position (the first answer token is sampled from them).
-    logits: Vec<f32>,
+    /// The logits after the last position, for an entry made from a prefilled prompt (an exact
+    /// repeat samples its first token from them); none for a finished conversation.
+    logits: Option<Vec<f32>>,
     bytes: usize,
 }
 
-/// The cache of prefilled prompts (see the module docs); newest first.
+/// The kept prompts (see the module docs); newest first.
 pub(crate) struct PromptCache {
     entries: VecDeque<Entry>,
     budget: usize,
@@ -81,21 +172,53 @@ impl PromptCache {
         }
     }
 
-    /// The frozen cache and last logits of the prompt `key`, if it is held (it becomes the newest).
-    pub fn get(&mut self, key: &PromptKey) -> Option<(SharedPrefix, Vec<f32>)> {
-        let at = self.entries.iter().position(|e| e.key == *key)?;
+    /// The best start for a request of `tokens`: the whole prompt if it is kept, otherwise the
+    /// longest kept prefix of at least [`MIN_SHARED`] positions, leaving at least one position to
+    /// prefill (whose logits the first token needs). The entry used becomes the newest.
+    pub fn find(&mut self, tokens: &PromptTokens) -> Option<Start> {
+        let whole = self
+            .entries
+            .iter()
+            .position(|e| e.logits.is_some() && e.tokens == *tokens);
+        let (at, len) = match whole {
+            Some(at) => (at, tokens.len()),
+            None => self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(at, e)| (at, e.tokens.common_len(tokens).min(tokens.len() - 1)))
+                .filter(|&(_, len)| len >= MIN_SHARED)
+                .max_by_key(|&(at, len)| (len, std::cmp::Reverse(at)))?,
+        };
         let entry = self.entries.remove(at).expect("found above");
-        let found = (entry.prefix.clone(), entry.logits.clone());
+        let start = match (&entry.logits, whole.is_some()) {
+            (Some(logits), true) => Start::Prefilled {
+                prefix: entry.prefix.clone(),
+                logits: logits.clone(),
+            },
+            _ => Start::After {
+                prefix: entry.prefix.clone(),
+                len,
+            },
+        };
         self.entries.push_front(entry);
-        Some(found)
+        Some(start)
     }
 
-    /// Keeps a prefilled prompt, dropping the oldest entries as the budget needs. A prompt larger
-    /// than the whole budget is not kept.
-    pub fn insert(&mut self, key: PromptKey, prefix: SharedPrefix, logits: Vec<f32>) {
-        let bytes = prefix.bytes() + logits.len() * std::mem::size_of::<f32>();
-        if bytes > self.budget || self.entries.iter().any(|e| e.key == key) {
+    /// Keeps the cache of `tokens` (with the logits after them for a prefilled prompt), dropping the
+    /// oldest entries as the budget needs. One larger than the whole budget is not kept; one whose
+    /// tokens another entry already holds replaces it, unless only the other has logits.
+    pub fn insert(&mut self, tokens: PromptTokens, prefix: SharedPrefix, logits: Option<Vec<f32>>) {
+        let bytes = prefix.bytes() + logits.as_ref().map_or(0, |l| l.len() * std::mem::size_of::<f32>());
+        if bytes > self.budget || prefix.len() < tokens.len() {
             return;
+        }
+        if let Some(at) = self.entries.iter().position(|e| e.tokens == tokens) {
+            if logits.is_none() && self.entries[at].logits.is_some() {
+                return;
+            }
+            let old = self.entries.remove(at).expect("found above");
+            self.used -= old.bytes;
         }
         while self.used + bytes > self.budget {
             let oldest = self.entries.pop_back().expect("used > 0 means entries");
@@ -103,7 +226,7 @@ impl PromptCache {
         }
         self.used += bytes;
         self.entries.push_front(Entry {
-            key,
+            tokens,
             prefix,
             logits,
             bytes,
@@ -128,17 +251,52 @@ mod tests {
         }
     }
 
+    fn image_prompt(ids: Vec<u32>, mask_at: std::ops::Range<usize>, pixel: f32) -> PreparedInput {
+        let mut p = prepared(ids, vec![pixel; 3 * 2 * 2]);
+        p.images_seq_mask[mask_at.clone()].fill(true);
+        p.num_image_tokens = vec![mask_at.len()];
+        p.images_spatial_crop = vec![[0, 0]];
+        p.n_tiles = 1;
+        p.tile_size = 2;
+        p
+    }
+
+    #[test]
+    fn prefixes_end_before_the_first_difference_or_image_that_differs() {
+        let ids: Vec<u32> = (0..10).collect();
+        let a = PromptTokens::of(&image_prompt(ids.clone(), 2..5, 0.5));
+        assert_eq!(a.common_len(&a), 10);
+        // A different id at 7: the common part ends there.
+        let mut other = ids.clone();
+        other[7] = 99;
+        assert_eq!(a.common_len(&PromptTokens::of(&image_prompt(other, 2..5, 0.5))), 7);
+        // A different pixel: the common part ends where the image starts.
+        assert_eq!(
+            a.common_len(&PromptTokens::of(&image_prompt(ids.clone(), 2..5, 0.25))),
+            2
+        );
+        // A prefix that ends inside the image stops before it.
+        let short = PromptTokens::of(&image_prompt(vec![0, 1, 2, 3], 2..4, 0.5));
+        assert_eq!(a.common_len(&short), 2);
+        // A text continuation of a prompt shares all of the prompt.
+        let longer = a.extended(&[42, 43]);
+        assert_eq!(longer.common_len(&a), 10);
+        assert_eq!(longer.len(), 12);
+    }
+
     #[test]
     fn keys_tell_apart_every_input() {
-        let base = PromptKey::of(&prepared(vec![1, 2, 3], vec![0.5]));
-        assert_eq!(base, PromptKey::of(&prepared(vec![1, 2, 3], vec![0.5])));
-        assert_ne!(base, PromptKey::of(&prepared(vec![1, 2, 4], vec![0.5])));
-        assert_ne!(base, PromptKey::of(&prepared(vec![1, 2, 3], vec![0.25])));
-        // -0.0 and 0.0 are different pixels to the key (bit patterns).
-        let zero = PromptKey::of(&prepared(vec![1], vec![0.0]));
-        assert_ne!(zero, PromptKey::of(&prepared(vec![1], vec![-0.0])));
+        let of = |ids: Vec<u32>, pixels| PromptTokens::of(&prepared(ids, pixels));
+        let base = of(vec![1, 2, 3], vec![0.5]);
+        assert_eq!(base, of(vec![1, 2, 3], vec![0.5]));
+        assert_ne!(base, of(vec![1, 2, 4], vec![0.5]));
+        let image = |pixel: f32| PromptTokens::of(&image_prompt(vec![1, 2, 3, 4], 1..3, pixel));
+        assert_eq!(image(0.5), image(0.5));
+        assert_ne!(image(0.5), image(0.25));
+        // -0.0 and 0.0 are different pixels to the digest (bit patterns).
+        assert_ne!(image(0.0), image(-0.0));
         let mut masked = prepared(vec![1, 2, 3], vec![0.5]);
         masked.images_seq_mask[1] = true;
-        assert_ne!(base, PromptKey::of(&masked));
+        assert_ne!(base, PromptTokens::of(&masked));
     }
 }

@@ -69,6 +69,12 @@ pub(crate) fn run(
                 seq.fail(&format!("internal error: {message}"));
             }
         }
+        // A finished conversation is kept: a chat's next turn resends it and starts after it.
+        for seq in running.iter_mut().filter(|s| s.is_finished()) {
+            if let Some((tokens, prefix)) = seq.take_conversation(model) {
+                prompts.insert(tokens, prefix, None);
+            }
+        }
         running.retain(|s| !s.is_finished());
         stats.running.store(running.len(), Ordering::SeqCst);
     }
@@ -108,17 +114,19 @@ fn step(
     }
     // Then one prefill chunk for the oldest sequence still prefilling. Prompts are prefilled one
     // after the other, so a prompt sent several times at once is computed once: the copies find it
-    // in the prompt cache when their turn comes, and start from it without a chunk of their own.
+    // in the prompt cache when their turn comes, and start from it without a chunk of their own (a
+    // start after a kept prefix goes on prefilling, and is the chunk of this iteration).
     while let Some(seq) = running.iter_mut().find(|s| s.is_prefilling()) {
         if seq.prefill_pending() {
-            if let Some((prefix, logits)) = prompts.get(seq.prompt()) {
+            if let Some(start) = prompts.find(seq.prompt()) {
+                let skipped = seq.start_from(start);
                 stats.prompt_cache_hits.fetch_add(1, Ordering::SeqCst);
-                seq.start_from(&prefix, logits);
+                stats.prompt_cache_positions.fetch_add(skipped, Ordering::SeqCst);
                 continue;
             }
         }
         match seq.prefill_chunk(model, config.prefill_chunk) {
-            Ok(Some((key, prefix, logits))) => prompts.insert(key, prefix, logits),
+            Ok(Some((tokens, prefix, logits))) => prompts.insert(tokens, prefix, Some(logits)),
             Ok(None) => {}
             Err(e) => seq.fail(&format!("prefill failed: {e}")),
         }

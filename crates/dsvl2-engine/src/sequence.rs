@@ -5,14 +5,16 @@ use std::time::Instant;
 use dsvl2_model::{DeepseekVl2, FinishReason, ModelError, Sampler, SequenceCache, SharedPrefix, Tensor};
 use dsvl2_processor::{AnswerText, Processor};
 
-use crate::prompt_cache::PromptKey;
+use crate::prompt_cache::{PromptTokens, Start};
 use crate::{Completion, Event, Job};
 
 pub(crate) enum Phase {
-    /// `done` of the prompt's positions are in the cache; `embeds` holds all of them.
+    /// `done` of the prompt's positions are in the cache; `embeds` holds those from `from` on (the
+    /// ones before came from the prompt cache).
     Prefill {
         embeds: Option<Tensor>,
         done: usize,
+        from: usize,
     },
     /// The next step feeds `next`.
     Decode {
@@ -31,6 +33,8 @@ pub(crate) struct Sequence<'p> {
     seen: Vec<u32>,
     tokens: Vec<u32>,
     eos: u32,
+    /// Whether it ended with an answer (not cancelled, not failed).
+    completed: bool,
     admitted: Instant,
     first_token: Option<Instant>,
 }
@@ -40,33 +44,75 @@ impl<'p> Sequence<'p> {
         let request = &job.request;
         Sequence {
             cache: model.new_cache(),
-            phase: Phase::Prefill { embeds: None, done: 0 },
+            phase: Phase::Prefill {
+                embeds: None,
+                done: 0,
+                from: 0,
+            },
             sampler: Sampler::new(request.sampling.clone()),
             text: AnswerText::new(processor, &request.stop),
             seen: request.prepared.input_ids.clone(),
             tokens: Vec::new(),
             eos: processor.eos_id(),
+            completed: false,
             admitted: Instant::now(),
             first_token: None,
             job,
         }
     }
 
-    /// What identifies this sequence's prompt in the prompt cache.
-    pub fn prompt(&self) -> &PromptKey {
+    /// What the prompt cache compares this sequence's prompt by.
+    pub fn prompt(&self) -> &PromptTokens {
         &self.job.prompt
     }
 
     /// Whether the prefill has not begun (nothing of the prompt computed yet).
     pub fn prefill_pending(&self) -> bool {
-        matches!(self.phase, Phase::Prefill { embeds: None, done: 0 })
+        matches!(
+            self.phase,
+            Phase::Prefill {
+                embeds: None,
+                done: 0,
+                ..
+            }
+        )
     }
 
-    /// Skips the prefill: the prompt's frozen cache and last logits (from the prompt cache) are
-    /// this sequence's, and its first token is sampled at once.
-    pub fn start_from(&mut self, prefix: &SharedPrefix, logits: Vec<f32>) {
-        self.cache = prefix.branch();
-        self.accept(logits);
+    /// Starts from what the prompt cache holds: the whole prompt (its first token is sampled at
+    /// once) or its first positions (the prefill goes on after them). Returns the positions skipped.
+    pub fn start_from(&mut self, start: Start) -> usize {
+        match start {
+            Start::Prefilled { prefix, logits } => {
+                self.cache = prefix.branch();
+                self.accept(logits);
+                prefix.len()
+            }
+            Start::After { prefix, len } => {
+                self.cache = prefix.branch();
+                self.cache.truncate(len);
+                self.phase = Phase::Prefill {
+                    embeds: None,
+                    done: len,
+                    from: len,
+                };
+                len
+            }
+        }
+    }
+
+    /// The whole conversation so far (prompt and answer) and its frozen cache, once the sequence
+    /// has completed: a chat's next turn starts with it.
+    pub fn take_conversation(&mut self, model: &DeepseekVl2) -> Option<(PromptTokens, SharedPrefix)> {
+        if !self.completed {
+            return None;
+        }
+        self.completed = false;
+        let prompt_len = self.job.request.prepared.input_ids.len();
+        // The cache holds every token but the last one sampled.
+        let answer = self.seen.get(prompt_len..self.cache.len())?;
+        let tokens = self.job.prompt.extended(answer);
+        let cache = std::mem::replace(&mut self.cache, model.new_cache());
+        Some((tokens, cache.share()))
     }
 
     /// The client is gone: nobody reads this sequence any more.
@@ -97,18 +143,18 @@ impl<'p> Sequence<'p> {
         &mut self,
         model: &DeepseekVl2,
         chunk: usize,
-    ) -> Result<Option<(PromptKey, SharedPrefix, Vec<f32>)>, ModelError> {
-        let Phase::Prefill { embeds, done } = &mut self.phase else {
+    ) -> Result<Option<(PromptTokens, SharedPrefix, Vec<f32>)>, ModelError> {
+        let Phase::Prefill { embeds, done, from } = &mut self.phase else {
             return Ok(None);
         };
         let prepared = &self.job.request.prepared;
         if embeds.is_none() {
-            *embeds = Some(crate::embed_prepared(model, prepared)?);
+            *embeds = Some(crate::embed_prepared_from(model, prepared, *from)?);
         }
         let all = embeds.as_ref().expect("embeds computed above");
         let len = prepared.input_ids.len();
         let n = chunk.max(1).min(len - *done);
-        let logits = model.forward_embeds(&all.narrow(0, *done, n)?, &mut self.cache, None)?;
+        let logits = model.forward_embeds(&all.narrow(0, *done - *from, n)?, &mut self.cache, None)?;
         *done += n;
         if *done < len {
             return Ok(None);
@@ -117,7 +163,7 @@ impl<'p> Sequence<'p> {
         self.cache = prefix.branch();
         let logits: Vec<f32> = logits.to_vec1()?;
         self.accept(logits.clone());
-        Ok(Some((self.job.prompt, prefix, logits)))
+        Ok(Some((self.job.prompt.clone(), prefix, logits)))
     }
 
     /// Takes the logits of this sequence's latest position: samples, streams, decides whether to go on.
@@ -162,6 +208,7 @@ impl<'p> Sequence<'p> {
             decode_seconds: (now - first).as_secs_f64(),
         };
         let _ = self.job.events.send(Event::Done(completion));
+        self.completed = true;
         self.phase = Phase::Finished;
     }
 

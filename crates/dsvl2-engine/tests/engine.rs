@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dsvl2_config::ModelDir;
 use dsvl2_engine::{Completion, Engine, EngineConfig, Event, GenerateRequest, SubmitError};
 use dsvl2_model::{DType, DeepseekVl2, Device, FinishReason, SamplingParams};
-use dsvl2_processor::{Conversation, PreparedInput, Processor};
+use dsvl2_processor::{Conversation, Message, PreparedInput, Processor};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn fixtures() -> PathBuf {
@@ -146,6 +146,50 @@ fn a_repeated_prompt_starts_from_its_kept_prefill() {
     assert_eq!(hits(&engine), 5);
     assert!(answers.iter().all(|a| a.tokens == answers[0].tokens));
     assert_ne!(answers[0].tokens, first.tokens);
+}
+
+/// A chat's next turn resends the whole conversation: it starts after the kept first turn (prompt
+/// and answer, image included), prefills only what is new, and answers as an engine that keeps
+/// nothing does.
+#[test]
+fn a_chat_turn_starts_after_the_kept_conversation() {
+    let (engine, processor) = start("tiny-like", EngineConfig::default());
+    let (cold, _) = start(
+        "tiny-like",
+        EngineConfig {
+            prompt_cache_bytes: 0,
+            ..EngineConfig::default()
+        },
+    );
+    let image = fixtures().join("images").join("small_photo.png");
+    let question = "<image>\nWhat is this?";
+    let first_turn = processor
+        .prepare_with_files(&Conversation::single_turn(question, vec![image.clone()]), "")
+        .unwrap();
+    let answer = collect(engine.submit(greedy(first_turn.clone(), 12)).unwrap()).1;
+    let conversation = Conversation {
+        messages: vec![
+            Message::user(question, vec![image]),
+            Message::assistant(answer.text.clone()),
+            Message::user("And what colours does it have?", Vec::new()),
+            Message::assistant(""),
+        ],
+    };
+    let second_turn = processor.prepare_with_files(&conversation, "").unwrap();
+    let stats = engine.stats();
+    let (hits, skipped) = (&stats.prompt_cache_hits, &stats.prompt_cache_positions);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let warm = collect(engine.submit(greedy(second_turn.clone(), 12)).unwrap()).1;
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let skipped = skipped.load(Ordering::SeqCst);
+    let (first_len, second_len) = (first_turn.input_ids.len(), second_turn.input_ids.len());
+    eprintln!("second turn: {second_len} positions, {skipped} from the first turn's {first_len} + answer");
+    assert!(
+        skipped >= first_len - 1 && skipped < second_len,
+        "{skipped} positions reused of {second_len}"
+    );
+    let cold = collect(cold.submit(greedy(second_turn, 12)).unwrap()).1;
+    assert_eq!(warm.tokens, cold.tokens, "the kept conversation changed the answer");
 }
 
 #[test]

@@ -323,9 +323,11 @@ impl SharedPrefix {
         self.len == 0
     }
 
-    /// Bytes held by the frozen cache itself (not by the prefixes it continues from, if any).
+    /// Bytes held by the frozen cache and by the prefixes it continues from, if any (a prefix that
+    /// other caches share too is counted in each).
     pub fn bytes(&self) -> usize {
-        self.cache.layers.iter().map(LayerCache::bytes).sum()
+        let inner = self.cache.prefix.as_ref().map_or(0, SharedPrefix::bytes);
+        inner + self.cache.layers.iter().map(LayerCache::bytes).sum::<usize>()
     }
 
     /// A new sequence that continues after these positions: it holds only what comes after.
