@@ -7,7 +7,11 @@
 //! (client gone, cancel) the sequence and its cache are freed within one step.
 //!
 //! Batching does not change results: every sequence has its own cache, positions and sampler, and
-//! only the weight matmuls are shared (see dsvl2-model's batched-decode test).
+//! only the weight matmuls are shared (see dsvl2-model's batched-decode test). Sequences that start
+//! from one kept prompt (see `prompt_cache`) share its positions, which their batched attention
+//! reads once; with an i8 cache on an AMX CPU that attention rounds queries and weights to 16 bits
+//! (see dsvl2-kernels' `decode_attention_shared`), so there an answer can differ within that
+//! rounding from the one it gets decoding alone.
 
 mod prompt_cache;
 mod scheduler;

@@ -224,8 +224,11 @@ pub struct DecodeQuery<'a> {
 /// piece that several queries read streams from memory once per call: its tasks (ranges of
 /// positions) run every reader's query over the range while the range is in the core's L2.
 ///
-/// Each output is bit for bit what the same query gives in a call of its own: a cache's ranges
-/// depend on its length only, and the partial results merge in the query's order of caches.
+/// Each output is bit for bit what the same query gives in a call of its own (a cache's ranges
+/// depend on its length only, and the partial results merge in the query's order of caches), with
+/// one exception: on AMX-INT8, a range of an i8 cache of 128-value heads that two or more queries
+/// read goes through the tile kernel (`simd::amx_attention`), whose 16-bit rounding of queries and
+/// weights differs from the one-query kernel's (by at most ~1e-3 of the largest output, tested).
 ///
 /// # Panics
 /// As [`decode_attention`] and [`decode_attention_i8`], for any cache or query, and if a query

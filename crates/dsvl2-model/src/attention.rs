@@ -300,14 +300,15 @@ impl Mha {
         // Every sequence's pieces, in position order: its shared prefix's (one piece per distinct
         // prefix of the batch), then its own positions.
         let mut pieces: Vec<CachePiece> = Vec::new();
-        let mut shared_ids: Vec<(*const LayerCache, usize)> = Vec::new();
+        // (prefix layer, positions) -> its piece.
+        let mut shared_pieces: Vec<((*const LayerCache, usize), usize)> = Vec::new();
         let mut reads: Vec<Vec<usize>> = Vec::with_capacity(t);
         for (i, segment) in segments.iter_mut().enumerate() {
             let mut mine = Vec::new();
             for shared in &segment.shared {
                 let id = (shared.cache as *const LayerCache, shared.len);
-                let index = match shared_ids.iter().position(|&s| s == id) {
-                    Some(index) => index,
+                let index = match shared_pieces.iter().find(|(known, _)| *known == id) {
+                    Some(&(_, index)) => index,
                     None => {
                         let LayerCache::Mha { keys, values } = shared.cache else {
                             candle_core::bail!("attention kind and cache kind differ");
@@ -315,8 +316,8 @@ impl Mha {
                         let (Some(keys), Some(values)) = (keys.rows(shared.len)?, values.rows(shared.len)?) else {
                             candle_core::bail!("a shared prefix holds fewer than {} positions", shared.len);
                         };
-                        shared_ids.push(id);
                         pieces.push(CachePiece { keys, values });
+                        shared_pieces.push((id, pieces.len() - 1));
                         pieces.len() - 1
                     }
                 };
@@ -327,8 +328,6 @@ impl Mha {
             };
             let keys = keys.append(&k.narrow(0, i, 1)?)?;
             let values = values.append(&v.narrow(0, i, 1)?)?;
-            // Own pieces are never shared: a null id no prefix has.
-            shared_ids.push((std::ptr::null(), i));
             pieces.push(CachePiece { keys, values });
             mine.push(pieces.len() - 1);
             reads.push(mine);

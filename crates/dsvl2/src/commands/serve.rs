@@ -65,8 +65,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_running: usize,
 
-    /// MiB of recently prefilled prompts kept: a request that repeats one exactly (same text and
-    /// images) skips the vision tower and the prefill (0: keep none).
+    /// MiB of recent prompts' and finished conversations' caches kept: a request that repeats a
+    /// prompt (same text and images) skips the vision tower and the prefill, a chat's next turn
+    /// prefills only what is new (0: keep none).
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub prompt_cache_mib: usize,
 
