@@ -284,6 +284,55 @@ mod tests {
         assert_eq!(longer.len(), 12);
     }
 
+    /// The fixture tiny-like model's frozen cache after the text prompt `ids`, and its tokens.
+    fn kept(model: &dsvl2_model::DeepseekVl2, ids: &[u32]) -> (PromptTokens, SharedPrefix) {
+        let mut cache = model.new_cache();
+        let embeds = model.language().embed(ids).unwrap();
+        model.forward_embeds(&embeds, &mut cache, None).unwrap();
+        (PromptTokens::of(&prepared(ids.to_vec(), Vec::new())), cache.share())
+    }
+
+    #[test]
+    fn the_cache_finds_whole_prompts_and_longest_prefixes_within_its_budget() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-like");
+        let dir = dsvl2_config::ModelDir::open(dir).unwrap();
+        let model = dsvl2_model::DeepseekVl2::load(&dir, &dsvl2_model::Device::Cpu, dsvl2_model::DType::F32).unwrap();
+        let ids: Vec<u32> = (1..=40).collect();
+        let (a, a_cache) = kept(&model, &ids[..30]);
+        let (b, b_cache) = kept(&model, &ids[..20]);
+        let logits = vec![0.5f32; 4];
+        // Room for these two caches (bytes grow with the positions held).
+        let mut cache = PromptCache::new(a_cache.bytes() + b_cache.bytes() + 64);
+        cache.insert(a.clone(), a_cache.clone(), Some(logits.clone()));
+        cache.insert(b.clone(), b_cache, None);
+        // The whole prompt with its logits.
+        assert!(matches!(cache.find(&a), Some(Start::Prefilled { prefix, .. }) if prefix.len() == 30));
+        // A longer prompt starting with `a`: after its 30 positions.
+        let longer = PromptTokens::of(&prepared(ids.clone(), Vec::new()));
+        assert!(matches!(cache.find(&longer), Some(Start::After { len: 30, .. })));
+        // `b` has no logits: asked again, it is prefilled after all but its last position.
+        assert!(matches!(cache.find(&b), Some(Start::After { len, .. }) if len == 19 ));
+        // Too short a common part is not used.
+        let other = PromptTokens::of(&prepared([&ids[..10], &[99; 20]].concat(), Vec::new()));
+        assert!(cache.find(&other).is_none());
+        // A conversation entry without logits does not replace the prompt's entry with them.
+        cache.insert(a.clone(), a_cache.clone(), None);
+        assert!(matches!(cache.find(&a), Some(Start::Prefilled { .. })));
+        // A third cache as large as `b` drops the least recently used (`b`: `a` was just found).
+        let (c, c_cache) = kept(&model, &[7; 20]);
+        cache.insert(c.clone(), c_cache, None);
+        assert!(cache.used <= cache.budget);
+        assert!(matches!(cache.find(&a), Some(Start::Prefilled { .. })));
+        assert!(!cache.entries.iter().any(|e| e.tokens == b));
+        // `b`'s 20 tokens still start `a`'s: it goes on from there.
+        assert!(matches!(cache.find(&b), Some(Start::After { len: 19, prefix }) if prefix.len() == 30));
+        assert!(matches!(cache.find(&c), Some(Start::After { len: 19, .. })));
+        // Nothing fits a budget of zero.
+        let mut none = PromptCache::new(0);
+        none.insert(a.clone(), a_cache, Some(logits));
+        assert!(none.find(&a).is_none());
+    }
+
     #[test]
     fn keys_tell_apart_every_input() {
         let of = |ids: Vec<u32>, pixels| PromptTokens::of(&prepared(ids, pixels));
