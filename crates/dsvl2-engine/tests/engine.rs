@@ -91,19 +91,22 @@ fn concurrent_requests_get_their_sequential_answers() {
     assert_eq!(together[0].1.prompt_tokens, 831);
 }
 
+/// Two tiny-like engines: one that keeps prompts (the default) and one that keeps none.
+fn warm_and_cold() -> (Engine, Engine, Arc<Processor>) {
+    let (warm, processor) = start("tiny-like", EngineConfig::default());
+    let no_cache = EngineConfig {
+        prompt_cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    (warm, start("tiny-like", no_cache).0, processor)
+}
+
 /// A prompt asked again (same text, same image) starts from the kept prefill: no vision tower, no
 /// prefill, and exactly the answer an engine that keeps nothing gives, greedy or sampled; another
 /// image misses, and copies of a prompt sent together are prefilled once.
 #[test]
 fn a_repeated_prompt_starts_from_its_kept_prefill() {
-    let (engine, processor) = start("tiny-like", EngineConfig::default());
-    let (cold, _) = start(
-        "tiny-like",
-        EngineConfig {
-            prompt_cache_bytes: 0,
-            ..EngineConfig::default()
-        },
-    );
+    let (engine, cold, processor) = warm_and_cold();
     let prompt = prepare(&processor, "<image>\nWhat is this?", &["small_photo.png"]);
     let hits = |e: &Engine| e.stats().prompt_cache_hits.load(Ordering::SeqCst);
     let first = collect(engine.submit(greedy(prompt.clone(), 16)).unwrap()).1;
@@ -153,14 +156,7 @@ fn a_repeated_prompt_starts_from_its_kept_prefill() {
 /// nothing does.
 #[test]
 fn a_chat_turn_starts_after_the_kept_conversation() {
-    let (engine, processor) = start("tiny-like", EngineConfig::default());
-    let (cold, _) = start(
-        "tiny-like",
-        EngineConfig {
-            prompt_cache_bytes: 0,
-            ..EngineConfig::default()
-        },
-    );
+    let (engine, cold, processor) = warm_and_cold();
     let image = fixtures().join("images").join("small_photo.png");
     let question = "<image>\nWhat is this?";
     let first_turn = processor
