@@ -106,7 +106,12 @@ struct ChatRequest {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Answers asked for; answer `i` samples with `sampling.seed + i`.
+    n: usize,
 }
+
+/// Most answers one request may ask for (`n`): each is a sequence of the engine's batch.
+const MAX_CHOICES: usize = 16;
 
 fn parse_request(body: &[u8], image_token: &str) -> Result<ChatRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
@@ -139,13 +144,15 @@ fn parse_request(body: &[u8], image_token: &str) -> Result<ChatRequest, ApiError
                 .with_code("unknown_parameter"),
         );
     }
-    if let Some(n) = opt_integer(obj, "n")? {
-        if n != 1 {
-            return Err(ApiError::bad_request(format!("only n = 1 is supported, got {n}"))
-                .with_param("n")
-                .with_code("unsupported_parameter"));
+    let n = match opt_integer(obj, "n")? {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(
+                ApiError::bad_request(format!("`n` must be between 1 and {MAX_CHOICES}, got {n}")).with_param("n"),
+            )
         }
-    }
+    };
     match obj.get("model") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(_) => return Err(ApiError::bad_request("`model` must be a string").with_param("model")),
@@ -234,6 +241,7 @@ fn parse_request(body: &[u8], image_token: &str) -> Result<ChatRequest, ApiError
         stop,
         stream,
         include_usage,
+        n,
     })
 }
 
@@ -372,11 +380,14 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-fn usage(c: &Completion) -> Value {
+/// Token counts of a request's answers: the prompt once, the answers' tokens summed.
+fn usage(answers: &[Completion]) -> Value {
+    let prompt = answers.first().map_or(0, |c| c.prompt_tokens);
+    let completion: usize = answers.iter().map(|c| c.tokens.len()).sum();
     json!({
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.tokens.len(),
-        "total_tokens": c.prompt_tokens + c.tokens.len(),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     })
 }
 
@@ -415,75 +426,98 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
         max_new_tokens,
         stop: request.stop,
     };
-    let mut events = loaded.engine.submit(generate).map_err(|e| {
-        state.0.metrics.count_generation("openai", "refused");
-        let err = ApiError::from_submit(&e, StatusCode::TOO_MANY_REQUESTS);
-        if err.code.as_deref() == Some("context_length_exceeded") {
-            err.with_param("max_tokens")
-        } else {
-            err
-        }
-    })?;
+    // One engine request per answer; they share the prompt's prefill (the engine's prompt cache)
+    // and decode in one batch. A refusal drops the ones already queued, which cancels them.
+    let mut answers = Vec::with_capacity(request.n);
+    for i in 0..request.n {
+        let mut one = generate.clone();
+        one.sampling.seed = generate.sampling.seed.wrapping_add(i as u64);
+        answers.push(loaded.engine.submit(one).map_err(|e| {
+            state.0.metrics.count_generation("openai", "refused");
+            let err = ApiError::from_submit(&e, StatusCode::TOO_MANY_REQUESTS);
+            if err.code.as_deref() == Some("context_length_exceeded") {
+                err.with_param("max_tokens")
+            } else {
+                err
+            }
+        })?);
+    }
     let id = format!("chatcmpl-{}", util::new_id());
     let created = util::unix_seconds();
     let model = state.0.options.model_name.clone();
 
     if !request.stream {
-        while let Some(event) = events.recv().await {
-            match event {
-                Event::Delta(_) => {}
-                Event::Done(c) => {
-                    state.0.metrics.record_completion(&c);
-                    state.0.metrics.count_generation("openai", "succeeded");
-                    let body = json!({
-                        "id": id,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [{
-                            "index": 0,
-                            "message": {"role": "assistant", "content": c.text},
-                            "logprobs": null,
-                            "finish_reason": finish_reason(c.finish_reason),
-                        }],
-                        "usage": usage(&c),
-                    });
-                    return Ok(Json(body).into_response());
-                }
-                Event::Failed(message) => {
-                    state.0.metrics.count_generation("openai", "failed");
-                    return Err(ApiError::internal(format!("generation failed: {message}")));
-                }
-            }
+        let mut completions = Vec::with_capacity(answers.len());
+        for mut events in answers {
+            completions.push(completion(&state, &mut events).await?);
         }
-        state.0.metrics.count_generation("openai", "failed");
-        return Err(ApiError::internal("the engine stopped before the answer was complete"));
+        let choices: Vec<Value> = completions
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": null,
+                    "finish_reason": finish_reason(c.finish_reason),
+                })
+            })
+            .collect();
+        let body = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(&completions),
+        });
+        return Ok(Json(body).into_response());
     }
 
+    // The answers' events, tagged with their index, in the order they come.
+    let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Event)>();
+    for (index, mut events) in answers.into_iter().enumerate() {
+        let merged_tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if merged_tx.send((index, event)).is_err() {
+                    return; // client gone: dropping `events` cancels the answer
+                }
+            }
+        });
+    }
+    drop(merged_tx);
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    let chunk = move |delta: Value, finish: Option<&str>| {
+    let chunk = move |index: usize, delta: Value, finish: Option<&str>| {
         json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}],
         })
     };
-    let include_usage = request.include_usage;
+    let (include_usage, n) = (request.include_usage, request.n);
     let metrics_state = state.clone();
     tokio::spawn(
         async move {
             let send = |v: Value| SseEvent::default().data(v.to_string());
-            let first = chunk(json!({"role": "assistant", "content": ""}), None);
-            if tx.send(send(first)).await.is_err() {
-                return;
+            for index in 0..n {
+                let first = chunk(index, json!({"role": "assistant", "content": ""}), None);
+                if tx.send(send(first)).await.is_err() {
+                    return;
+                }
             }
-            while let Some(event) = events.recv().await {
+            let mut completions = Vec::with_capacity(n);
+            while let Some((index, event)) = merged.recv().await {
                 match event {
                     Event::Delta(text) => {
-                        if tx.send(send(chunk(json!({"content": text}), None))).await.is_err() {
-                            // Client gone: dropping `events` cancels the generation.
+                        if tx
+                            .send(send(chunk(index, json!({"content": text}), None)))
+                            .await
+                            .is_err()
+                        {
+                            // Client gone: dropping `merged` ends the forwarders and cancels the answers.
                             metrics_state.0.metrics.count_generation("openai", "canceled");
                             return;
                         }
@@ -491,16 +525,9 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
                     Event::Done(c) => {
                         metrics_state.0.metrics.record_completion(&c);
                         metrics_state.0.metrics.count_generation("openai", "succeeded");
-                        let _ = tx
-                            .send(send(chunk(json!({}), Some(finish_reason(c.finish_reason)))))
-                            .await;
-                        if include_usage {
-                            let mut last = chunk(json!({}), None);
-                            last["choices"] = json!([]);
-                            last["usage"] = usage(&c);
-                            let _ = tx.send(send(last)).await;
-                        }
-                        break;
+                        let finish = chunk(index, json!({}), Some(finish_reason(c.finish_reason)));
+                        let _ = tx.send(send(finish)).await;
+                        completions.push(c);
                     }
                     Event::Failed(message) => {
                         metrics_state.0.metrics.count_generation("openai", "failed");
@@ -510,12 +537,41 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
                     }
                 }
             }
+            if include_usage && completions.len() == n {
+                let mut last = chunk(0, json!({}), None);
+                last["choices"] = json!([]);
+                last["usage"] = usage(&completions);
+                let _ = tx.send(send(last)).await;
+            }
             let _ = tx.send(SseEvent::default().data("[DONE]")).await;
         }
         .in_current_span(),
     );
     let stream = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// Waits for one answer's completion (its deltas are not needed).
+async fn completion(
+    state: &AppState,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Result<Completion, ApiError> {
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Delta(_) => {}
+            Event::Done(c) => {
+                state.0.metrics.record_completion(&c);
+                state.0.metrics.count_generation("openai", "succeeded");
+                return Ok(c);
+            }
+            Event::Failed(message) => {
+                state.0.metrics.count_generation("openai", "failed");
+                return Err(ApiError::internal(format!("generation failed: {message}")));
+            }
+        }
+    }
+    state.0.metrics.count_generation("openai", "failed");
+    Err(ApiError::internal("the engine stopped before the answer was complete"))
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {

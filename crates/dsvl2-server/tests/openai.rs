@@ -68,6 +68,68 @@ async fn streamed_deltas_add_up_to_the_answer() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 24);
 }
 
+/// `n` answers to one prompt: answer `i` samples with `seed + i`, so answer 0 is the single answer
+/// with `seed`; streamed, each answer's chunks carry its index and add up to its text; usage counts
+/// the prompt once and every answer's tokens.
+#[tokio::test]
+async fn n_answers_sample_with_consecutive_seeds() {
+    let s = server();
+    let url = format!("{}/v1/chat/completions", s.base);
+    let sampled = |n: usize, seed: u64, stream: bool| {
+        let mut r = greedy_request(stream);
+        r["temperature"] = json!(1.0);
+        r["max_tokens"] = json!(8);
+        r["seed"] = json!(seed);
+        r["n"] = json!(n);
+        r
+    };
+    let (status, three) = post_json(&url, &sampled(3, 5, false), &[]).await;
+    assert_eq!(status, 200, "{three}");
+    let texts: Vec<&str> = three["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert_eq!(three["usage"]["prompt_tokens"], 831);
+    assert_eq!(three["usage"]["completion_tokens"], 24);
+    for (i, text) in texts.iter().enumerate() {
+        let (status, one) = post_json(&url, &sampled(1, 5 + i as u64, false), &[]).await;
+        assert_eq!(status, 200, "{one}");
+        assert_eq!(one["choices"][0]["message"]["content"], *text, "answer {i}");
+    }
+
+    let response = client()
+        .post(&url)
+        .body(sampled(2, 5, true).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let events = parse_sse(&response.text().await.unwrap());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let mut streamed = [String::new(), String::new()];
+    let mut finished = [0, 0];
+    for (_, data) in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        if let Some(text) = choice["delta"]["content"].as_str() {
+            streamed[index].push_str(text);
+        }
+        if choice["finish_reason"].is_string() {
+            finished[index] += 1;
+        }
+    }
+    assert_eq!(finished, [1, 1]);
+    assert_eq!(streamed, [texts[0], texts[1]]);
+}
+
 #[tokio::test]
 async fn stop_strings_and_models() {
     let s = server();
@@ -97,7 +159,8 @@ async fn unsupported_requests_get_400_naming_the_problem() {
     let text = |t: &str| json!([{"role": "user", "content": t}]);
     let image = json!({"type": "image_url", "image_url": {"url": data_uri("small_photo.png")}});
     let cases = [
-        (json!({"messages": text("hi"), "n": 2}), "n"),
+        (json!({"messages": text("hi"), "n": 0}), "n"),
+        (json!({"messages": text("hi"), "n": 17}), "n"),
         (
             json!({"messages": text("hi"), "tools": [{"type": "function"}]}),
             "tools",

@@ -49,12 +49,16 @@ def main() -> None:
     assert roles[:1] == ["assistant"], roles
     assert streamed == text, (streamed, text)
 
+    two = client.chat.completions.create(model=model, messages=messages, n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1], two
+    assert two.usage.completion_tokens == 8, two.usage
+
     try:
-        client.chat.completions.create(model=model, messages=messages, n=2)
+        client.chat.completions.create(model=model, messages=messages, n=17)
     except openai.BadRequestError as e:
         assert "n" in str(e), e
     else:
-        raise AssertionError("n=2 was accepted")
+        raise AssertionError("n=17 was accepted")
     print("openai client OK:", repr(text))
 
 
