@@ -5,6 +5,18 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
+/// The chunks of a streamed chat completion (200, ending with `[DONE]`, which is not returned).
+async fn post_streamed(url: &str, request: &Value) -> Vec<Value> {
+    let response = client().post(url).body(request.to_string()).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let events = parse_sse(&response.text().await.unwrap());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
 fn greedy_request(stream: bool) -> Value {
     json!({
         "model": "tiny-like",
@@ -39,19 +51,7 @@ async fn streamed_deltas_add_up_to_the_answer() {
 
     let mut streamed_request = greedy_request(true);
     streamed_request["stream_options"] = json!({"include_usage": true});
-    let response = client()
-        .post(&url)
-        .body(streamed_request.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let events = parse_sse(&response.text().await.unwrap());
-    assert_eq!(events.last().unwrap().1, "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|(_, d)| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = post_streamed(&url, &streamed_request).await;
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
     let streamed: String = chunks
@@ -104,19 +104,9 @@ async fn n_answers_sample_with_consecutive_seeds() {
         assert_eq!(one["choices"][0]["message"]["content"], *text, "answer {i}");
     }
 
-    let response = client()
-        .post(&url)
-        .body(sampled(2, 5, true).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let events = parse_sse(&response.text().await.unwrap());
-    assert_eq!(events.last().unwrap().1, "[DONE]");
     let mut streamed = [String::new(), String::new()];
     let mut finished = [0, 0];
-    for (_, data) in &events[..events.len() - 1] {
-        let chunk: Value = serde_json::from_str(data).unwrap();
+    for chunk in post_streamed(&url, &sampled(2, 5, true)).await {
         let choice = &chunk["choices"][0];
         let index = choice["index"].as_u64().unwrap() as usize;
         if let Some(text) = choice["delta"]["content"].as_str() {
