@@ -17,6 +17,8 @@ pub struct Metrics {
     generations: IntCounterVec,
     queue_depth: IntGauge,
     running: IntGauge,
+    prompt_cache_hits: IntGauge,
+    prompt_cache_positions: IntGauge,
     prompt_tokens: IntCounter,
     generated_tokens: IntCounter,
     time_to_first_token: Histogram,
@@ -45,6 +47,17 @@ impl Metrics {
         .unwrap();
         let queue_depth = IntGauge::new("dsvl2_queue_depth", "Requests waiting for an engine slot").unwrap();
         let running = IntGauge::new("dsvl2_running_sequences", "Sequences the engine is running").unwrap();
+        // The engine counts these; they are read at each scrape (gauges that only grow).
+        let prompt_cache_hits = IntGauge::new(
+            "dsvl2_prompt_cache_hits",
+            "Requests since start that began from a kept prompt or conversation",
+        )
+        .unwrap();
+        let prompt_cache_positions = IntGauge::new(
+            "dsvl2_prompt_cache_reused_positions",
+            "Prompt positions since start taken from kept prompts instead of prefilled",
+        )
+        .unwrap();
         let prompt_tokens =
             IntCounter::new("dsvl2_prompt_tokens_total", "Prompt tokens (image tokens included)").unwrap();
         let generated_tokens = IntCounter::new("dsvl2_generated_tokens_total", "Generated tokens").unwrap();
@@ -74,6 +87,8 @@ impl Metrics {
             Box::new(generations.clone()),
             Box::new(queue_depth.clone()),
             Box::new(running.clone()),
+            Box::new(prompt_cache_hits.clone()),
+            Box::new(prompt_cache_positions.clone()),
             Box::new(prompt_tokens.clone()),
             Box::new(generated_tokens.clone()),
             Box::new(time_to_first_token.clone()),
@@ -88,6 +103,8 @@ impl Metrics {
             generations,
             queue_depth,
             running,
+            prompt_cache_hits,
+            prompt_cache_positions,
             prompt_tokens,
             generated_tokens,
             time_to_first_token,
@@ -125,6 +142,10 @@ impl Metrics {
             let stats = loaded.engine.stats();
             self.queue_depth.set(stats.queued.load(Ordering::Relaxed) as i64);
             self.running.set(stats.running.load(Ordering::Relaxed) as i64);
+            self.prompt_cache_hits
+                .set(stats.prompt_cache_hits.load(Ordering::Relaxed) as i64);
+            self.prompt_cache_positions
+                .set(stats.prompt_cache_positions.load(Ordering::Relaxed) as i64);
         }
         let mut out = Vec::new();
         TextEncoder::new()

@@ -98,6 +98,15 @@ async fn n_answers_sample_with_consecutive_seeds() {
     assert_eq!(texts.len(), 3);
     assert_eq!(three["usage"]["prompt_tokens"], 831);
     assert_eq!(three["usage"]["completion_tokens"], 24);
+    // One prefill for the three: the other two started from the kept prompt.
+    let metrics = metrics_text(&s.base).await;
+    let gauge = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert!(gauge("dsvl2_prompt_cache_hits") >= 2, "{metrics}");
+    assert!(gauge("dsvl2_prompt_cache_reused_positions") >= 2 * 831, "{metrics}");
     for (i, text) in texts.iter().enumerate() {
         let (status, one) = post_json(&url, &sampled(1, 5 + i as u64, false), &[]).await;
         assert_eq!(status, 200, "{one}");
