@@ -73,6 +73,19 @@ impl GrowingTensor {
         }
     }
 
+    /// Drops the room to grow (the buffer doubles as it grows: a 1039-position prompt prefilled in
+    /// chunks held 2048 positions). For a cache that is frozen and kept; on a failed copy the buffer
+    /// simply stays as it is.
+    fn compact(&mut self) {
+        if let Some(b) = &self.buffer {
+            if b.dims()[0] > self.len {
+                if let Ok(exact) = b.narrow(0, 0, self.len).and_then(|t| t.copy()) {
+                    self.buffer = Some(exact);
+                }
+            }
+        }
+    }
+
     /// Bytes of the buffer (what it holds and the room to grow).
     fn bytes(&self) -> usize {
         self.buffer
@@ -210,6 +223,16 @@ impl HeadCache {
         }
     }
 
+    fn compact(&mut self) {
+        match self {
+            HeadCache::Float(t) => t.compact(),
+            HeadCache::I8 { values, scales } => {
+                values.compact();
+                scales.compact();
+            }
+        }
+    }
+
     fn empty_like(&self) -> Self {
         match self {
             HeadCache::Float(t) => HeadCache::Float(t.empty_like()),
@@ -271,6 +294,19 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
+    fn compact(&mut self) {
+        match self {
+            LayerCache::Mha { keys, values } => {
+                keys.compact();
+                values.compact();
+            }
+            LayerCache::Mla { latent, rope_key } => {
+                latent.compact();
+                rope_key.compact();
+            }
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             LayerCache::Mha { keys, values } => keys.bytes() + values.bytes(),
@@ -379,8 +415,10 @@ impl SequenceCache {
         }
     }
 
-    /// Freezes this cache so that sequences can continue from it ([`SharedPrefix::branch`]).
-    pub fn share(self) -> SharedPrefix {
+    /// Freezes this cache so that sequences can continue from it ([`SharedPrefix::branch`]). Its
+    /// buffers are cut to what they hold (one copy; a frozen cache never grows).
+    pub fn share(mut self) -> SharedPrefix {
+        self.layers.iter_mut().for_each(LayerCache::compact);
         let len = self.len;
         SharedPrefix {
             cache: Arc::new(self),

@@ -270,6 +270,28 @@ fn shared_prefixes(variant: &str, model: &DeepseekVl2, prompts: &[(&'static str,
         assert_eq!(prefix.len(), e.dim(0).unwrap());
     }
 
+    // A frozen cache holds exactly its positions: no room to grow (a 5-token prompt and 3 steps
+    // sit in a buffer of 16 positions until then).
+    let per_position = {
+        let mut cache = model.new_cache();
+        model
+            .forward_embeds(&text_embeds(model, 32, 5), &mut cache, None)
+            .unwrap();
+        cache.share().bytes() / 32
+    };
+    let mut eight = model.new_cache();
+    model
+        .forward_embeds(&text_embeds(model, 5, 7), &mut eight, None)
+        .unwrap();
+    for token in [1, 2, 3] {
+        model.step(token, &mut eight).unwrap();
+    }
+    assert_eq!(
+        eight.share().bytes(),
+        8 * per_position,
+        "{variant}: a frozen cache is compact"
+    );
+
     // Cut back five positions into the 37-token prompt's prefix and prefilled again from there.
     let (embeds, solo) = (&prompts[1].1, &solos[1]);
     let len = embeds.dim(0).unwrap();
