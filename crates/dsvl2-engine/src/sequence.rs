@@ -137,7 +137,7 @@ impl<'p> Sequence<'p> {
 
     /// Runs the next chunk of the prompt (the vision tower first, on the first call). After the
     /// last chunk the first token is sampled, and the prompt's cache is frozen: this sequence goes
-    /// on as a branch of it, and it is returned with its key and logits for the prompt cache (so a
+    /// on as a branch of it, and it is returned with its tokens and logits for the prompt cache (so a
     /// sequence that hits the cache later decodes exactly as this one).
     pub fn prefill_chunk(
         &mut self,
