@@ -61,17 +61,12 @@ impl PromptTokens {
                 .unwrap_or(&[]);
             tile += tiles;
             let mut hash = Sha256::new();
-            part(
-                &mut hash,
-                b"grid",
-                2,
-                [w, h].iter().flat_map(|&c| (c as u64).to_le_bytes()),
-            );
+            part(&mut hash, b"grid", 2, [w, h].iter().map(|&c| (c as u64).to_le_bytes()));
             part(
                 &mut hash,
                 b"pixels",
                 pixels.len(),
-                pixels.iter().flat_map(|p| p.to_bits().to_le_bytes()),
+                pixels.iter().map(|p| p.to_bits().to_le_bytes()),
             );
             images.push(ImageSpan {
                 start,
@@ -123,13 +118,13 @@ impl PromptTokens {
 
 /// Hashes one part of an image: its name and count first, so that no two different inputs write
 /// the same bytes.
-fn part(hash: &mut Sha256, name: &[u8], count: usize, bytes: impl Iterator<Item = u8>) {
+fn part<const N: usize>(hash: &mut Sha256, name: &[u8], count: usize, items: impl Iterator<Item = [u8; N]>) {
     hash.update(name);
     hash.update((count as u64).to_le_bytes());
     let mut buffer = Vec::with_capacity(4096);
-    for byte in bytes {
-        buffer.push(byte);
-        if buffer.len() == buffer.capacity() {
+    for item in items {
+        buffer.extend_from_slice(&item);
+        if buffer.len() + N > buffer.capacity() {
             hash.update(&buffer);
             buffer.clear();
         }

@@ -216,20 +216,18 @@ impl HeadCache {
         })
     }
 
-    fn bytes(&self) -> usize {
+    /// The tensors it is made of.
+    fn tensors(&self) -> Vec<&GrowingTensor> {
         match self {
-            HeadCache::Float(t) => t.bytes(),
-            HeadCache::I8 { values, scales } => values.bytes() + scales.bytes(),
+            HeadCache::Float(t) => vec![t],
+            HeadCache::I8 { values, scales } => vec![values, scales],
         }
     }
 
-    fn compact(&mut self) {
+    fn tensors_mut(&mut self) -> Vec<&mut GrowingTensor> {
         match self {
-            HeadCache::Float(t) => t.compact(),
-            HeadCache::I8 { values, scales } => {
-                values.compact();
-                scales.compact();
-            }
+            HeadCache::Float(t) => vec![t],
+            HeadCache::I8 { values, scales } => vec![values, scales],
         }
     }
 
@@ -294,24 +292,23 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
-    fn compact(&mut self) {
+    /// The tensors it is made of.
+    fn tensors(&self) -> Vec<&GrowingTensor> {
         match self {
-            LayerCache::Mha { keys, values } => {
-                keys.compact();
-                values.compact();
-            }
-            LayerCache::Mla { latent, rope_key } => {
-                latent.compact();
-                rope_key.compact();
-            }
+            LayerCache::Mha { keys, values } => keys.tensors().into_iter().chain(values.tensors()).collect(),
+            LayerCache::Mla { latent, rope_key } => vec![latent, rope_key],
+        }
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut GrowingTensor> {
+        match self {
+            LayerCache::Mha { keys, values } => keys.tensors_mut().into_iter().chain(values.tensors_mut()).collect(),
+            LayerCache::Mla { latent, rope_key } => vec![latent, rope_key],
         }
     }
 
     fn bytes(&self) -> usize {
-        match self {
-            LayerCache::Mha { keys, values } => keys.bytes() + values.bytes(),
-            LayerCache::Mla { latent, rope_key } => latent.bytes() + rope_key.bytes(),
-        }
+        self.tensors().into_iter().map(GrowingTensor::bytes).sum()
     }
 
     /// An empty cache of the same kind and format.
@@ -418,7 +415,10 @@ impl SequenceCache {
     /// Freezes this cache so that sequences can continue from it ([`SharedPrefix::branch`]). Its
     /// buffers are cut to what they hold (one copy; a frozen cache never grows).
     pub fn share(mut self) -> SharedPrefix {
-        self.layers.iter_mut().for_each(LayerCache::compact);
+        self.layers
+            .iter_mut()
+            .flat_map(LayerCache::tensors_mut)
+            .for_each(GrowingTensor::compact);
         let len = self.len;
         SharedPrefix {
             cache: Arc::new(self),
