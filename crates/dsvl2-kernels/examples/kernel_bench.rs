@@ -1,7 +1,8 @@
 //! Kernel throughput, side by side with candle. Run with
 //! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention|stream]`
 //! (`gemv`: only the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM
-//! table, `attention`: only decode attention over f16 and i8 caches, `decode`: the weight products of
+//! table, `attention`: only decode attention over f16 and i8 caches (and 1, 2 or 8 queries
+//! over one i8 cache in one call), `decode`: the weight products of
 //! one decoded token of tiny, as the model dispatches them, `vision-attention`: the vision tower's
 //! attention over one tile, `stream`: summing 1 GiB in 4 KiB and in 2 MiB pages, split as the
 //! kernels split their work).
@@ -15,8 +16,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use dsvl2_kernels::{
-    cpu_features, decode_attention, decode_attention_i8, matmul_many, prefill_attention, quantize_i8_rows,
-    AttentionShape, Format, HeadRows, MatmulJob, PackedMatrix, PrefillShape,
+    cpu_features, decode_attention, decode_attention_i8, decode_attention_shared, matmul_many, prefill_attention,
+    quantize_i8_rows, AttentionShape, CacheRows, DecodeQuery, Format, HeadRows, MatmulJob, PackedMatrix, PrefillShape,
+    RowScales,
 };
 use rayon::prelude::*;
 
@@ -432,10 +434,45 @@ fn attention_table(reps: usize) {
             len,
             i8_bytes,
             reps,
-            &[i8_cache.clone(), i8_cache],
+            &[i8_cache.clone(), i8_cache.clone()],
             i8_call,
             &mut out,
         );
+        if len == 1039 {
+            shared_attention_rows(&shape, &i8_cache, len, reps);
+        }
+    }
+}
+
+/// Several queries over one i8 cache in one `decode_attention_shared` call (a batch's answers to one
+/// prompt), hot: µs per call and per query, against one query alone.
+fn shared_attention_rows(shape: &AttentionShape, cache: &(Vec<i8>, Vec<f32>), len: usize, reps: usize) {
+    let piece = [CacheRows {
+        keys: &cache.0[..],
+        values: &cache.0[..],
+        scales: Some(RowScales {
+            keys: &cache.1,
+            values: &cache.1,
+        }),
+        len,
+    }];
+    println!("  shared i8 cache of {len}, hot: readers, µs per call, µs per reader");
+    for readers in [1usize, 2, 8] {
+        let qs: Vec<Vec<f32>> = (0..readers).map(|r| data(1280, 11 + r as u32)).collect();
+        let mut outs = vec![vec![0f32; 1280]; readers];
+        let t = median_secs(reps, |_| {
+            dsvl2_kernels::on_worker(|| {
+                for _ in 0..20 {
+                    let mut queries: Vec<DecodeQuery> = qs
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .map(|(q, out)| DecodeQuery { q, caches: &[0], out })
+                        .collect();
+                    decode_attention_shared(&piece, &mut queries, shape);
+                }
+            })
+        }) / 20.0;
+        println!("  {readers:>7} {:>12.1} {:>14.1}", t * 1e6, t * 1e6 / readers as f64);
     }
 }
 

@@ -54,8 +54,9 @@ pub enum GgufWeights {
     /// Copied at load into one anonymous buffer advised for 2 MiB pages. Decoding reads every active
     /// weight once per token and ran faster from there: tiny q8_0, batch 1, four interleaved pairs
     /// on a 2-vCPU Emerald Rapids VM, 2026-12-02, 26.3-30.1 tok/s mapped against 28.8-30.9 (means
-    /// 27.95 and 30.1). The copy is fresh memory, which the kernel zeroes on first touch: on that VM
-    /// the load went from 0.5-1 s to 2.7-8 s.
+    /// 27.95 and 30.1); after a 1039-token image prompt with an i8 cache, three pairs, 2026-12-03:
+    /// 29.7-32.1 against 40.0-41.3 (batch 8: 160-168 against 186-193). The copy is fresh memory,
+    /// which the kernel zeroes on first touch: on that VM the load went from 0.5-1 s to 2.7-8 s.
     InMemory,
 }
 

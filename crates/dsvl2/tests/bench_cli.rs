@@ -270,6 +270,10 @@ fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
     assert!(report["model"].as_str().unwrap().contains("tiny-like"));
     assert_eq!(report["dtype"], dtype);
     assert_eq!(report["kv_cache"], kv_cache);
+    assert_eq!(
+        report["weights_memory"], "converted",
+        "a folder's weights are converted at load"
+    );
     assert!(report["cpu_features"].is_string());
     for key in [
         "threads",

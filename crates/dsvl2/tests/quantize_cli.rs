@@ -107,6 +107,17 @@ fn q8_0_gguf_answers_like_the_folder_loaded_as_q8_0() {
     // The same weights copied into memory at load instead of used from the file's map.
     let copied = greedy(gguf.to_str().unwrap(), &["--no-mmap"]);
     assert_eq!(copied, from_gguf, "GGUF q8_0 with --no-mmap");
+    // `bench` measures as `serve` runs: a GGUF's weights copied into memory unless `--mmap`.
+    for (extra, held) in [(None, "copied"), (Some("--mmap"), "mapped")] {
+        let image = fixture("images/small_photo.png");
+        let mut args = vec!["bench", "--model", gguf.to_str().unwrap(), "--image", &image];
+        args.extend(["--prompt", "<image>\nDescribe.", "--max-new-tokens", "2", "--json"]);
+        args.extend(extra);
+        let out = dsvl2(&args);
+        assert_ok(&out, &format!("bench {args:?}"));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        assert_eq!(report["weights_memory"], held, "bench {extra:?}");
+    }
 
     // A GGUF converts again (here to f16), its embedded files carried over.
     let again = dir.path().join("tiny-f16.gguf");

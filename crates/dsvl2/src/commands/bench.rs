@@ -26,7 +26,9 @@ use std::time::Instant;
 use anyhow::Context;
 use dsvl2_config::ModelConfig;
 use dsvl2_model::sampling::argmax;
-use dsvl2_model::{check_context, DeepseekVl2, Sampler, SamplingParams, SequenceCache, SharedPrefix, Tensor};
+use dsvl2_model::{
+    check_context, DeepseekVl2, GgufWeights, Sampler, SamplingParams, SequenceCache, SharedPrefix, Tensor,
+};
 use dsvl2_processor::Conversation;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -75,6 +77,10 @@ pub struct Report {
     pub dtype: String,
     /// How the attention cache holds keys and values (`--kv-cache`; MLA caches are always f32).
     pub kv_cache: String,
+    /// Where the linear layers' weights are read from while decoding: `mapped` (a GGUF file's
+    /// pages, `--mmap`), `copied` (a GGUF file's weights copied at load into 2 MiB pages, the
+    /// default here) or `converted` (safetensors, converted at load into the process's memory).
+    pub weights_memory: String,
     /// Threads of the compute pool (RAYON_NUM_THREADS or the cores available).
     pub threads: usize,
     pub cpu_features: String,
@@ -133,7 +139,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let batches: BTreeSet<usize> = args.batch.iter().map(|&b| b as usize).chain([1]).collect();
     let n = args.max_new_tokens as usize;
 
-    let loaded = load_model(open_model(&args.model)?, &args.load.options())?;
+    let options = args.load.options(GgufWeights::InMemory);
+    let loaded = load_model(open_model(&args.model)?, &options)?;
+    let weights_memory = match (&loaded.dir.weights, options.gguf_weights) {
+        (dsvl2_config::WeightFiles::Gguf { .. }, GgufWeights::Mapped) => "mapped",
+        (dsvl2_config::WeightFiles::Gguf { .. }, GgufWeights::InMemory) => "copied",
+        _ => "converted",
+    };
     let model = &loaded.model;
     let config = model.config().clone();
 
@@ -208,6 +220,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: loaded.dir.root.display().to_string(),
         dtype: stored_dtype(&loaded.dir, args.load.dtype),
         kv_cache: model.language().cache_format().to_string(),
+        weights_memory: weights_memory.into(),
         threads: rayon::current_num_threads(),
         cpu_features: probe::cpu_features(),
         gemm_backend: dsvl2_model::gemm_backend(),
@@ -394,6 +407,7 @@ fn table(r: &Report) -> String {
         ("model".into(), r.model.clone()),
         ("dtype".into(), r.dtype.clone()),
         ("kv cache".into(), r.kv_cache.clone()),
+        ("weights memory".into(), r.weights_memory.clone()),
         ("threads".into(), r.threads.to_string()),
         ("cpu features".into(), r.cpu_features.clone()),
         ("gemm backend".into(), r.gemm_backend.clone()),

@@ -6,6 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
+use dsvl2_model::GgufWeights;
 use dsvl2_processor::{Conversation, Message};
 
 use super::generate::SamplingArgs;
@@ -55,7 +56,7 @@ impl Session {
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
     let limits = args.sampling.limits();
-    let loaded = load_model(open_model(&args.model)?, &args.load.options())?;
+    let loaded = load_model(open_model(&args.model)?, &args.load.options(GgufWeights::InMemory))?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("{HELP}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use dsvl2_model::{FinishReason, SamplingParams};
+use dsvl2_model::{FinishReason, GgufWeights, SamplingParams};
 use dsvl2_processor::grounding::parse_grounding;
 use dsvl2_processor::{annotate, save_png};
 use serde::Serialize;
@@ -138,7 +138,7 @@ struct ReportTimings {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
-    let loaded = load_model(args.request.open_model()?, &args.load.options())?;
+    let loaded = load_model(args.request.open_model()?, &args.load.options(GgufWeights::Mapped))?;
 
     let started = Instant::now();
     let conversation = args.request.conversation(&loaded.processor.config().image_token)?;

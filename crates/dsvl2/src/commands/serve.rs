@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dsvl2_engine::{Engine, EngineConfig};
 use dsvl2_media::MediaPolicy;
+use dsvl2_model::GgufWeights;
 use dsvl2_server::{AppState, ServerOptions};
 
 use crate::runner::{load_model, open_model, LoadArgs, LoadedModel, DEFAULT_MODEL};
@@ -126,7 +127,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let loading = {
             let state = state.clone();
             let spec = args.model.clone();
-            let load_options = args.load.options();
+            let load_options = args.load.options(GgufWeights::InMemory);
             tokio::task::spawn_blocking(move || {
                 let result = open_model(&spec)
                     .and_then(|dir| load_model(dir, &load_options))
