@@ -1,11 +1,10 @@
 //! Kernel throughput, side by side with candle. Run with
 //! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention|stream]`
 //! (`gemv`: only the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM
-//! table, `attention`: only decode attention over f16 and i8 caches (and 1, 2 or 8 queries
-//! over one i8 cache in one call), `decode`: the weight products of
-//! one decoded token of tiny, as the model dispatches them, `vision-attention`: the vision tower's
-//! attention over one tile, `stream`: summing 1 GiB in 4 KiB and in 2 MiB pages, split as the
-//! kernels split their work).
+//! table, `attention`: only decode attention over f16 and i8 caches, and 1, 2 or 8 queries over one
+//! i8 cache in one call, `decode`: the weight products of one decoded token of tiny, as the model
+//! dispatches them, `vision-attention`: the vision tower's attention over one tile, `stream`: summing
+//! 1 GiB in 4 KiB and in 2 MiB pages, split as the kernels split their work).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
