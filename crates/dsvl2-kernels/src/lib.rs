@@ -114,6 +114,33 @@ pub fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
         .for_each(|chunk| isa.bias_activation(chunk, bias, gelu_tanh));
 }
 
+/// `out[i] = silu(gate[i]) · up[i]` (`silu(x) = x / (1 + e^(-x))`, the gated MLPs' activation),
+/// vectorised, within a few `f32::EPSILON` of the exact values; in parallel from 64 K values on.
+/// Decoding a batch of 8 with tiny, libm's `expf` (a call per value) on one thread while the other
+/// waited was ~2% of a step (perf).
+///
+/// # Panics
+/// If the three slices differ in length.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(
+        gate.len() == up.len() && up.len() == out.len(),
+        "silu_mul: {} gate, {} up and {} output values",
+        gate.len(),
+        up.len(),
+        out.len()
+    );
+    const CHUNK: usize = 65536;
+    let isa = isa::Isa::detect();
+    if out.len() <= CHUNK {
+        return isa.silu_mul(gate, up, out);
+    }
+    out.par_chunks_mut(CHUNK / 4)
+        .zip(gate.par_chunks(CHUNK / 4))
+        .zip(up.par_chunks(CHUNK / 4))
+        .for_each(|((out, gate), up)| isa.silu_mul(gate, up, out));
+}
+
 /// What runs the large f32 products (vision tower, prefill): `"openblas (SkylakeX kernels)"` (the
 /// kernel set OpenBLAS chose) when the build found OpenBLAS (feature `openblas`, default), its kernels
 /// suit the CPU and `DSVL2_GEMM=gemm` does not ask for the `gemm` crate; otherwise `"gemm"`.

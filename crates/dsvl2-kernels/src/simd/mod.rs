@@ -150,6 +150,15 @@ macro_rules! generic_kernels {
         pub(crate) unsafe fn bias_activation(y: &mut [f32], bias: Option<&[f32]>, gelu_tanh: bool) {
             crate::math::bias_activation::<true>(y, bias, gelu_tanh)
         }
+
+        /// [`crate::math::silu_mul`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+            crate::math::silu_mul::<true>(gate, up, out)
+        }
     };
 }
 #[cfg(target_arch = "x86_64")]
