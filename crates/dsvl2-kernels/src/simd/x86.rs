@@ -405,18 +405,20 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let nb = acts.cols / QK8_0;
-    // Two activation rows at a time: their accumulators fill the 16 vector registers.
-    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| {
-        if m - i >= 2 {
-            r16_tile::<2>(group, nb, acts, i, out, y_stride)
-        } else {
-            r16_tile::<1>(group, nb, acts, i, out, y_stride)
-        }
+    super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| match m - i {
+        1 => r16_tile::<1>(group, nb, acts, i, out, y_stride),
+        2 | 3 => r16_tile::<2>(group, nb, acts, i, out, y_stride),
+        4..=7 => r16_tile::<4>(group, nb, acts, i, out, y_stride),
+        _ => r16_tile::<8>(group, nb, acts, i, out, y_stride),
     });
 }
 
 /// One group of 16 q8_0_r16 rows against activation rows `first..first + G` (see
 /// [`gemv_q8_0_r16`]). Returns `G`.
+///
+/// Each block is taken in its two 8-row halves, one after the other, so that a half's `G` integer
+/// sums are all the registers the inner loop keeps (up to 8 activation rows in one pass over the
+/// weights); the float sums are folded in once per half-block and may live in memory.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // registers indexed by activation row and 8-row half
@@ -429,34 +431,28 @@ unsafe fn r16_tile<const G: usize>(
     y_stride: usize,
 ) -> usize {
     let ones = _mm256_set1_epi16(1);
-    let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
-    let xd: [*const f32; G] = std::array::from_fn(|g| acts.d.as_ptr().add((first + g) * acts.stride));
+    let xq = acts.q.as_ptr().add(first * acts.cols);
+    let xd = acts.d.as_ptr().add(first * acts.stride);
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
         super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
-        let dw = [
-            _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
-            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
-        ];
-        let mut dot = [[_mm256_setzero_si256(); 2]; G];
-        for c in 0..QK8_0 / 4 {
-            let x: [__m256i; G] = std::array::from_fn(|g| {
-                _mm256_set1_epi32((xq[g].add(b * QK8_0 + 4 * c) as *const i32).read_unaligned())
-            });
-            for h in 0..2 {
+        for h in 0..2 {
+            let mut dot = [_mm256_setzero_si256(); G];
+            for c in 0..QK8_0 / 4 {
                 let wv = _mm256_loadu_si256(blk.add(2 * R16 + 64 * c + 32 * h) as *const __m256i);
                 let magnitude = _mm256_sign_epi8(wv, wv);
                 for g in 0..G {
-                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[g], wv));
-                    dot[g][h] = _mm256_add_epi32(dot[g][h], _mm256_madd_epi16(pairs, ones));
+                    let x =
+                        _mm256_set1_epi32((xq.add(g * acts.cols + b * QK8_0 + 4 * c) as *const i32).read_unaligned());
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, wv));
+                    dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(pairs, ones));
                 }
             }
-        }
-        for g in 0..G {
-            let dx = _mm256_set1_ps(*xd[g].add(b));
-            for h in 0..2 {
-                acc[g][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g][h]), _mm256_mul_ps(dw[h], dx), acc[g][h]);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+            for g in 0..G {
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(g * acts.stride + b)));
+                acc[g][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g]), scale, acc[g][h]);
             }
         }
     }
