@@ -396,6 +396,57 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     #[doc(hidden)]
     #[cfg(target_arch = "x86_64")]
     unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[Self]; 4]);
+
+    /// [`Self::simd_dot`] of two queries against one row, each result bit for bit its own call's;
+    /// f16 and i8 rows are read and widened once for both.
+    ///
+    /// # Safety
+    /// As [`Self::simd_dot`].
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_dot2<const L: usize>(q: [&[f32]; 2], k: &[Self]) -> [f32; 2] {
+        [Self::simd_dot::<L>(q[0], k), Self::simd_dot::<L>(q[1], k)]
+    }
+
+    /// [`Self::simd_axpy4`] for two queries over the same rows, as [`Self::simd_dot2`].
+    ///
+    /// # Safety
+    /// As [`Self::simd_dot`].
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn simd_axpy4x2<const L: usize>(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[Self]; 4]) {
+        let [acc0, acc1] = acc;
+        Self::simd_axpy4::<L>(acc0, p[0], v);
+        Self::simd_axpy4::<L>(acc1, p[1], v);
+    }
+}
+
+/// A [`CacheValue`]'s `simd_dot2` and `simd_axpy4x2` (f16 and i8 rows, which a second query reads
+/// without widening them again).
+macro_rules! simd_pair_kernels {
+    ($t:ty, $dot2:ident, $axpy4x2:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd_dot2<const L: usize>(q: [&[f32]; 2], k: &[$t]) -> [f32; 2] {
+            if L == 16 {
+                crate::simd::avx512::$dot2(q, k)
+            } else {
+                crate::simd::x86::$dot2(q, k)
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd_axpy4x2<const L: usize>(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[$t]; 4]) {
+            if L == 16 {
+                crate::simd::avx512::$axpy4x2(acc, p, v)
+            } else {
+                crate::simd::x86::$axpy4x2(acc, p, v)
+            }
+        }
+    };
 }
 
 /// A [`CacheValue`]'s `simd_dot` and `simd_axpy4`: the explicit kernels of its type (`attention_kernels!`
@@ -474,6 +525,7 @@ impl CacheValue for half::f16 {
     }
 
     simd_kernels!(half::f16, dot_f16, axpy4_f16);
+    simd_pair_kernels!(half::f16, dot2_f16, axpy4x2_f16);
 }
 
 impl CacheValue for i8 {
@@ -494,6 +546,7 @@ impl CacheValue for i8 {
     }
 
     simd_kernels!(i8, dot_i8, axpy4_i8);
+    simd_pair_kernels!(i8, dot2_i8, axpy4x2_i8);
 }
 
 /// Dot product with four vectors of `L` partial sums: one vector's chain of dependent adds (about
@@ -676,6 +729,122 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     Partial { max, sum, acc }
 }
 
+/// [`attend_positions`] (with `f16c`) for several queries over the same positions of an f16 or i8
+/// cache (the readers of a piece they share, see [`decode_attention_shared`]): the queries go in
+/// pairs through kernels that read and widen each row once for both ([`CacheValue::simd_dot2`],
+/// [`CacheValue::simd_axpy4x2`]), an odd one through the one-query kernels. Each query's result is
+/// bit for bit its own `attend_positions`: the same operations on the same values, in order.
+///
+/// # Safety
+/// The instruction set of `L` must be available, with F16C (see [`CacheValue::simd_dot`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
+    queries: &[&[f32]],
+    keys: &[T],
+    values: &[T],
+    scales: Option<RowScales>,
+    positions: std::ops::Range<usize>,
+    s: &AttentionShape,
+) -> Vec<Partial> {
+    let (n, group) = (positions.len(), s.heads / s.kv_heads);
+    let (key_width, value_width) = (s.kv_heads * s.key_dim, s.kv_heads * s.value_dim);
+    let (key_scales, value_scales) = (scales.map(|sc| sc.keys), scales.map(|sc| sc.values));
+    // scores[r][h * n + i]: query r, head h, position positions.start + i.
+    let mut scores = vec![vec![0f32; s.heads * n]; queries.len()];
+    for (i, j) in positions.clone().enumerate() {
+        prefetch_row(keys, (j + 2) * s.key_stride, key_width);
+        let row = &keys[j * s.key_stride..][..key_width];
+        for h in 0..s.heads {
+            let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
+            // As `attend_positions` rounds it: (dot · scale) · the row's scale.
+            let row_scale = row_scale(key_scales, j, h / group, s.kv_heads);
+            let head = h * s.key_dim..(h + 1) * s.key_dim;
+            let mut r = 0;
+            while r + 2 <= queries.len() {
+                let dots = T::simd_dot2::<L>([&queries[r][head.clone()], &queries[r + 1][head.clone()]], k);
+                scores[r][h * n + i] = dots[0] * s.scale * row_scale;
+                scores[r + 1][h * n + i] = dots[1] * s.scale * row_scale;
+                r += 2;
+            }
+            if r < queries.len() {
+                scores[r][h * n + i] = T::simd_dot::<L>(&queries[r][head], k) * s.scale * row_scale;
+            }
+        }
+    }
+    // A plain loop: a closure would not inherit the caller's target features (`exp`'s fused
+    // multiply-adds would become libm calls).
+    let mut partials = Vec::with_capacity(queries.len());
+    for scores in &mut scores {
+        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; s.heads], vec![0f32; s.heads]);
+        for h in 0..s.heads {
+            (max[h], sum[h]) = crate::math::exp_shifted_in_place::<true>(&mut scores[h * n..(h + 1) * n]);
+        }
+        let acc = vec![0f32; s.heads * s.value_dim];
+        partials.push(Partial { max, sum, acc });
+    }
+    // Values four positions at a time, as `attend_positions`.
+    let start = positions.start;
+    let mut i = 0;
+    while i + 4 <= n {
+        let j = start + i;
+        for jj in j..j + 4 {
+            prefetch_row(values, (jj + 4) * s.value_stride, value_width);
+        }
+        let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
+        let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
+        for h in 0..s.heads {
+            let offset = (h / group) * s.value_dim;
+            let v = [
+                &rows[0][offset..][..s.value_dim],
+                &rows[1][offset..][..s.value_dim],
+                &rows[2][offset..][..s.value_dim],
+                &rows[3][offset..][..s.value_dim],
+            ];
+            let weights = |r: usize| {
+                row_weights(
+                    &scores[r][h * n + i..h * n + i + 4],
+                    value_scales,
+                    j,
+                    h / group,
+                    s.kv_heads,
+                )
+            };
+            let mut pairs = partials.chunks_exact_mut(2);
+            for (k, pair) in pairs.by_ref().enumerate() {
+                let [a, b] = pair else { unreachable!("chunks of two") };
+                let acc = [
+                    &mut a.acc[h * s.value_dim..][..s.value_dim],
+                    &mut b.acc[h * s.value_dim..][..s.value_dim],
+                ];
+                T::simd_axpy4x2::<L>(acc, [weights(2 * k), weights(2 * k + 1)], v);
+            }
+            if let [last] = pairs.into_remainder() {
+                T::simd_axpy4::<L>(
+                    &mut last.acc[h * s.value_dim..][..s.value_dim],
+                    weights(queries.len() - 1),
+                    v,
+                );
+            }
+        }
+        i += 4;
+    }
+    // The last positions one at a time, widened once for all the queries.
+    let mut buf = vec![0f32; value_width];
+    for i in i..n {
+        let row = value_row(values, start + i, s, &mut buf, true);
+        for (scores, partial) in scores.iter().zip(&mut partials) {
+            for h in 0..s.heads {
+                let v = &row[(h / group) * s.value_dim..(h / group + 1) * s.value_dim];
+                let p = scores[h * n + i] * row_scale(value_scales, start + i, h / group, s.kv_heads);
+                let acc = &mut partial.acc[h * s.value_dim..(h + 1) * s.value_dim];
+                acc.iter_mut().zip(v).for_each(|(a, v)| *a += p * v);
+            }
+        }
+    }
+    partials
+}
+
 /// The scale of key/value head `g` at position `j` in an 8-bit cache's `scales`; 1.0 (exact) without.
 #[inline(always)]
 fn row_scale(scales: Option<&[f32]>, j: usize, g: usize, kv_heads: usize) -> f32 {
@@ -723,8 +892,10 @@ fn prefetch_row<T>(cache: &[T], start: usize, len: usize) {
 
 impl Isa {
     /// Every query of `queries` over `positions` of `cache` at once, when this instruction set has a
-    /// kernel for that (AMX-INT8, an i8 cache of 128-value heads, enough queries: see
-    /// `simd::amx_attention`); `None` otherwise, and the queries run one at a time.
+    /// kernel for that: AMX-INT8 for an i8 cache of 128-value heads and enough queries (see
+    /// `simd::amx_attention`), else the explicit kernels for two or more queries over an f16 or i8
+    /// cache, two at a time ([`attend_positions_shared`]); `None` otherwise, and the queries run one
+    /// at a time.
     fn attend_positions_many<T: CacheValue>(
         self,
         queries: &[&[f32]],
@@ -745,6 +916,26 @@ impl Isa {
                         amx_attention::attend_positions_many(queries, keys, values, scales, positions, s)
                     });
                 }
+            }
+        }
+        // Otherwise, with explicit kernels, two queries at a time read each f16 or i8 row once.
+        #[cfg(target_arch = "x86_64")]
+        if queries.len() >= 2 && std::mem::size_of::<T>() < 4 {
+            let (keys, values, scales) = (cache.keys, cache.values, cache.scales);
+            // SAFETY: these variants are only constructed after their features were detected; the
+            // caller checked the cache against `s`, and `positions` lie within its length.
+            match self {
+                Isa::Avx2 => {
+                    return Some(unsafe {
+                        crate::simd::x86::attend_positions_shared(queries, keys, values, scales, positions, s)
+                    })
+                }
+                Isa::Avx512 | Isa::Amx => {
+                    return Some(unsafe {
+                        crate::simd::avx512::attend_positions_shared(queries, keys, values, scales, positions, s)
+                    })
+                }
+                Isa::Scalar => {}
             }
         }
         let _ = (queries, cache, positions, s);

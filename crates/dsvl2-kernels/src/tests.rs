@@ -1018,6 +1018,98 @@ fn decode_attention_shared_reads_pieces_in_order() {
     }
 }
 
+/// Queries sharing an f16 or i8 cache piece go two at a time through kernels that read each row
+/// once for both (`attend_positions_shared`): each output is still bit for bit the query's own call,
+/// for 1-5 readers (pairs and an odd one), position counts with and without a tail of fewer than four
+/// rows, and every test head layout. (On AMX-INT8, shared i8 pieces of 128-value heads take the tile
+/// kernel instead: `amx_attention_matches_the_dequantized_cache`.)
+#[test]
+fn decode_attention_shared_pairs_match_single_queries() {
+    fn run<T: crate::CacheValue>(
+        isa: Isa,
+        shape: &AttentionShape,
+        caches: &[Vec<T>],
+        scales: &[Option<crate::RowScales>],
+        lens: &[usize],
+    ) {
+        let rows: Vec<crate::CacheRows<T>> = (0..caches.len())
+            .map(|c| crate::CacheRows {
+                keys: &caches[c],
+                values: &caches[c],
+                scales: scales[c],
+                len: lens[c],
+            })
+            .collect();
+        let width = shape.heads * shape.value_dim;
+        for readers in 1..=5 {
+            // Every query reads the shared piece 0, then a piece of its own (1 or 2).
+            let pieces: Vec<[usize; 2]> = (0..readers).map(|i| [0, 1 + i % 2]).collect();
+            let queries: Vec<Vec<f32>> = (0..readers)
+                .map(|i| test_data(shape.heads * shape.key_dim, 70 + i as u64))
+                .collect();
+            let mut outs = vec![f32::NAN; readers * width];
+            let mut calls: Vec<crate::DecodeQuery> = outs
+                .chunks_exact_mut(width)
+                .enumerate()
+                .map(|(i, out)| crate::DecodeQuery {
+                    q: &queries[i],
+                    caches: &pieces[i],
+                    out,
+                })
+                .collect();
+            crate::attention::decode_attention_shared_isa(isa, &rows, &mut calls, shape);
+            for (i, got) in outs.chunks_exact(width).enumerate() {
+                let mut alone = vec![f32::NAN; width];
+                let mut call = [crate::DecodeQuery {
+                    q: &queries[i],
+                    caches: &pieces[i],
+                    out: &mut alone,
+                }];
+                crate::attention::decode_attention_shared_isa(isa, &rows, &mut call, shape);
+                assert!(
+                    got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {readers} readers, query {i}"
+                );
+            }
+        }
+    }
+    for shape in cache_test_shapes() {
+        let row = shape.kv_heads * shape.key_dim;
+        for lens in [[300usize, 5, 0], [263, 2, 9]] {
+            let floats: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(c, &l)| test_data(l.max(1) * row, 50 + c as u64))
+                .collect();
+            let halves: Vec<Vec<f16>> = floats
+                .iter()
+                .map(|v| v.iter().map(|&x| f16::from_f32(x)).collect())
+                .collect();
+            let bytes: Vec<(Vec<i8>, Vec<f32>)> = floats
+                .iter()
+                .map(|v| {
+                    let (mut q, mut s) = (vec![0i8; v.len()], vec![0f32; v.len() / shape.key_dim]);
+                    crate::quantize_i8_rows(v, shape.key_dim, &mut q, &mut s);
+                    (q, s)
+                })
+                .collect();
+            let i8s: Vec<Vec<i8>> = bytes.iter().map(|(q, _)| q.clone()).collect();
+            let i8_scales: Vec<Option<crate::RowScales>> = bytes
+                .iter()
+                .map(|(_, s)| Some(crate::RowScales { keys: s, values: s }))
+                .collect();
+            for isa in isas() {
+                run(isa, &shape, &halves, &[None; 3], &lens);
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Amx && crate::simd::amx_attention::supports(&shape) {
+                    continue;
+                }
+                run(isa, &shape, &i8s, &i8_scales, &lens);
+            }
+        }
+    }
+}
+
 /// Several queries over one i8 cache take the AMX-INT8 kernel (`simd::amx_attention`) where the
 /// CPU has it: its outputs against the f64 attention over the dequantized cache, for positions that
 /// fill tiles exactly and not, key/value groups of 1 and 4 heads (4 per group: more queries than

@@ -113,6 +113,22 @@ macro_rules! generic_kernels {
             crate::attention::attend_positions::<$lanes, T, true>(q, keys, values, scales, positions, s, true)
         }
 
+        /// [`crate::attention::attend_positions_shared`] compiled for this module's instruction set.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn attend_positions_shared<T: crate::CacheValue>(
+            queries: &[&[f32]],
+            keys: &[T],
+            values: &[T],
+            scales: Option<crate::attention::RowScales>,
+            positions: std::ops::Range<usize>,
+            s: &crate::AttentionShape,
+        ) -> Vec<crate::attention::Partial> {
+            crate::attention::attend_positions_shared::<$lanes, T>(queries, keys, values, scales, positions, s)
+        }
+
         /// [`crate::attention::softmax_rows`] compiled for this module's instruction set.
         ///
         /// # Safety
@@ -191,6 +207,94 @@ macro_rules! attention_kernels {
             |p| $load_i8(p));
         $crate::simd::attention_kernels!(@axpy4 axpy4_i8, i8, $features, $lanes, $splat, $load, $store, $add,
             $mul, $fmadd, |p| $load_i8(p));
+        $crate::simd::attention_kernels!(@dot2 dot2_f16, half::f16, $features, $lanes, $zero, $load, $add, $fmadd,
+            $sum, |p| $widen($load_bits(p as *const $bits)));
+        $crate::simd::attention_kernels!(@axpy4x2 axpy4x2_f16, half::f16, $features, $lanes, $splat, $load, $store,
+            $add, $mul, $fmadd, |p| $widen($load_bits(p as *const $bits)));
+        $crate::simd::attention_kernels!(@dot2 dot2_i8, i8, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
+            |p| $load_i8(p));
+        $crate::simd::attention_kernels!(@axpy4x2 axpy4x2_i8, i8, $features, $lanes, $splat, $load, $store, $add,
+            $mul, $fmadd, |p| $load_i8(p));
+    };
+    (@dot2 $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
+        $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {
+        /// `[Σ a[0]·b, Σ a[1]·b]`: two queries against one row, read and widened once. Each sum is
+        /// bit for bit the one-query kernel's (the same operations on the same values, in order).
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(a: [&[f32]; 2], b: &[$t]) -> [f32; 2] {
+            let n = a[0].len().min(a[1].len()).min(b.len());
+            let (mut acc0, mut acc1) = ([$zero(); 4], [$zero(); 4]);
+            let mut i = 0;
+            while i + 4 * $lanes <= n {
+                for k in 0..4 {
+                    let $p = b.as_ptr().add(i + $lanes * k);
+                    let row = $row;
+                    acc0[k] = $fmadd($load(a[0].as_ptr().add(i + $lanes * k)), row, acc0[k]);
+                    acc1[k] = $fmadd($load(a[1].as_ptr().add(i + $lanes * k)), row, acc1[k]);
+                }
+                i += 4 * $lanes;
+            }
+            while i + $lanes <= n {
+                let $p = b.as_ptr().add(i);
+                let row = $row;
+                acc0[0] = $fmadd($load(a[0].as_ptr().add(i)), row, acc0[0]);
+                acc1[0] = $fmadd($load(a[1].as_ptr().add(i)), row, acc1[0]);
+                i += $lanes;
+            }
+            let mut sums = [
+                $sum($add($add(acc0[0], acc0[1]), $add(acc0[2], acc0[3]))),
+                $sum($add($add(acc1[0], acc1[1]), $add(acc1[2], acc1[3]))),
+            ];
+            for j in i..n {
+                let v = crate::CacheValue::to_f32(b[j]);
+                sums[0] += a[0][j] * v;
+                sums[1] += a[1][j] * v;
+            }
+            sums
+        }
+    };
+    (@axpy4x2 $name:ident, $t:ty, $features:literal, $lanes:literal, $splat:ident, $load:ident, $store:ident,
+        $add:ident, $mul:ident, $fmadd:ident, |$p:ident| $row:expr) => {
+        /// `acc[r] += Σ_k p[r][k]·v[k]` for two queries `r` over the same four rows, read and widened
+        /// once. Each result is bit for bit the one-query kernel's.
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[$t]; 4]) {
+            let n = acc[0].len().min(acc[1].len()).min(v[0].len()).min(v[1].len()).min(v[2].len()).min(v[3].len());
+            let [acc0, acc1] = acc;
+            let w0 = [$splat(p[0][0]), $splat(p[0][1]), $splat(p[0][2]), $splat(p[0][3])];
+            let w1 = [$splat(p[1][0]), $splat(p[1][1]), $splat(p[1][2]), $splat(p[1][3])];
+            let mut i = 0;
+            while i + $lanes <= n {
+                let $p = v[0].as_ptr().add(i);
+                let x0 = $row;
+                let $p = v[1].as_ptr().add(i);
+                let x1 = $row;
+                let $p = v[2].as_ptr().add(i);
+                let x2 = $row;
+                let $p = v[3].as_ptr().add(i);
+                let x3 = $row;
+                let sum = $add($fmadd(w0[0], x0, $mul(w0[1], x1)), $fmadd(w0[2], x2, $mul(w0[3], x3)));
+                let out = acc0.as_mut_ptr().add(i);
+                $store(out, $add($load(out), sum));
+                let sum = $add($fmadd(w1[0], x0, $mul(w1[1], x1)), $fmadd(w1[2], x2, $mul(w1[3], x3)));
+                let out = acc1.as_mut_ptr().add(i);
+                $store(out, $add($load(out), sum));
+                i += $lanes;
+            }
+            for d in i..n {
+                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
+                acc0[d] += (p[0][0] * x0 + p[0][1] * x1) + (p[0][2] * x2 + p[0][3] * x3);
+                acc1[d] += (p[1][0] * x0 + p[1][1] * x1) + (p[1][2] * x2 + p[1][3] * x3);
+            }
+        }
     };
     (@dot $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
         $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {
