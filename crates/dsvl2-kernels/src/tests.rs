@@ -875,6 +875,24 @@ fn decode_attention_reads_f16_caches() {
     }
 }
 
+/// The f32 caches `floats` as f16 caches, and as i8 caches with their per-head scales.
+#[allow(clippy::type_complexity)]
+fn f16_and_i8_caches(floats: &[Vec<f32>], head_dim: usize) -> (Vec<Vec<f16>>, Vec<(Vec<i8>, Vec<f32>)>) {
+    let halves = floats
+        .iter()
+        .map(|v| v.iter().map(|&x| f16::from_f32(x)).collect())
+        .collect();
+    let bytes = floats
+        .iter()
+        .map(|v| {
+            let (mut q, mut s) = (vec![0i8; v.len()], vec![0f32; v.len() / head_dim]);
+            crate::quantize_i8_rows(v, head_dim, &mut q, &mut s);
+            (q, s)
+        })
+        .collect();
+    (halves, bytes)
+}
+
 /// A batch's outputs are each sequence's alone, bit for bit, for every cache kind and an empty cache.
 #[test]
 fn decode_attention_batch_matches_single_sequences() {
@@ -885,18 +903,7 @@ fn decode_attention_batch_matches_single_sequences() {
         .map(|i| test_data(shape.heads * shape.key_dim, 90 + i as u64))
         .collect();
     let floats: Vec<Vec<f32>> = lens.iter().map(|&l| test_data(l.max(1) * row, 95 + l as u64)).collect();
-    let halves: Vec<Vec<f16>> = floats
-        .iter()
-        .map(|v| v.iter().map(|&x| f16::from_f32(x)).collect())
-        .collect();
-    let bytes: Vec<(Vec<i8>, Vec<f32>)> = floats
-        .iter()
-        .map(|v| {
-            let (mut q, mut s) = (vec![0i8; v.len()], vec![0f32; v.len() / shape.key_dim]);
-            crate::quantize_i8_rows(v, shape.key_dim, &mut q, &mut s);
-            (q, s)
-        })
-        .collect();
+    let (halves, bytes) = f16_and_i8_caches(&floats, shape.key_dim);
     for isa in isas() {
         fn run<T: crate::CacheValue>(
             isa: Isa,
@@ -1081,18 +1088,7 @@ fn decode_attention_shared_pairs_match_single_queries() {
                 .enumerate()
                 .map(|(c, &l)| test_data(l.max(1) * row, 50 + c as u64))
                 .collect();
-            let halves: Vec<Vec<f16>> = floats
-                .iter()
-                .map(|v| v.iter().map(|&x| f16::from_f32(x)).collect())
-                .collect();
-            let bytes: Vec<(Vec<i8>, Vec<f32>)> = floats
-                .iter()
-                .map(|v| {
-                    let (mut q, mut s) = (vec![0i8; v.len()], vec![0f32; v.len() / shape.key_dim]);
-                    crate::quantize_i8_rows(v, shape.key_dim, &mut q, &mut s);
-                    (q, s)
-                })
-                .collect();
+            let (halves, bytes) = f16_and_i8_caches(&floats, shape.key_dim);
             let i8s: Vec<Vec<i8>> = bytes.iter().map(|(q, _)| q.clone()).collect();
             let i8_scales: Vec<Option<crate::RowScales>> = bytes
                 .iter()
