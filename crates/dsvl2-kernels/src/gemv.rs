@@ -15,7 +15,10 @@ use crate::{OutPtr, PackedMatrix};
 /// GEMV converts each weight row once) up to 16, and the integer q8_0/q4_k kernels up to 32. The
 /// q8_0_r16 kernels win at every m: tiny's 1110-token prefill (q8_0 GGUF, Emerald Rapids 2 vCPU,
 /// AVX-512 VNNI, OpenBLAS sgemm for the panels) took 3.65-4.24 s with them up to m = 256 and
-/// 2.84-2.98 s with them for every m (two interleaved runs each; 4.0 s at m ≤ 32).
+/// 2.84-2.98 s with them for every m (two interleaved runs each; 4.0 s at m ≤ 32). On a Zen 3 (AVX2
+/// tiles against OpenBLAS's Zen sgemm, `kernel_bench gemm`, one run on a noisy VM, 2026-12-03) the
+/// tiles matched or beat the panels at 6 of the 7 shapes both run, m = 100 to 3645 (e.g. 729x1152->3456
+/// 176 against 134 GFLOP/s); not at 3645x1152->3456 (137 against 155).
 pub(crate) fn max_m(format: Format) -> usize {
     match format {
         Format::F32 => 8,
