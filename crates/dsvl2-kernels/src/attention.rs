@@ -602,8 +602,8 @@ fn sum_lanes<const L: usize>(mut v: [f32; L]) -> f32 {
 
 /// One task's positions, every head. Generic over the vector width `L` so that the same code is
 /// compiled for each instruction set (see [`Isa::attend_positions`]). With `f16c` (the AVX2 and
-/// AVX-512 sets), explicit kernels read the rows in place ([`CacheValue::simd_dot`],
-/// [`CacheValue::simd_axpy4`]); otherwise each f16 row is widened once into a buffer for all heads.
+/// AVX-512 sets), explicit kernels read the rows in place: [`attend_positions_shared`] for this one
+/// query; otherwise each f16 or i8 row is widened once into a buffer for all heads.
 ///
 /// # Safety
 /// With `f16c`, the instruction set of `L` must be available (see [`CacheValue::simd_dot`]).
@@ -617,6 +617,11 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     s: &AttentionShape,
     f16c: bool,
 ) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if f16c {
+        let mut one = attend_positions_shared::<L, T>(&[q], keys, values, scales, positions, s);
+        return one.pop().expect("one partial per query");
+    }
     let (n, group) = (positions.len(), s.heads / s.kv_heads);
     let (key_width, value_width) = (s.kv_heads * s.key_dim, s.kv_heads * s.value_dim);
     let mut buf = vec![0f32; key_width.max(value_width)];
@@ -628,18 +633,7 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     let mut scores = vec![0f32; s.heads * n];
     for (i, j) in positions.clone().enumerate() {
         prefetch_row(keys, (j + 2) * s.key_stride, key_width);
-        let keys = &keys[j * s.key_stride..][..key_width];
-        // With F16C (the AVX2 and AVX-512 sets), explicit kernels read f16 keys in place.
-        #[cfg(target_arch = "x86_64")]
-        if f16c {
-            for h in 0..s.heads {
-                let k = &keys[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
-                let dot = T::simd_dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k);
-                scores[h * n + i] = dot * s.scale * row_scale(key_scales, j, h / group, s.kv_heads);
-            }
-            continue;
-        }
-        let row = T::widen(keys, &mut buf, f16c);
+        let row = T::widen(&keys[j * s.key_stride..][..key_width], &mut buf, f16c);
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
             let dot = dot::<L>(&q[h * s.key_dim..(h + 1) * s.key_dim], k);
@@ -654,42 +648,17 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     // Values four positions at a time: each head's accumulator row is loaded and stored once per
     // four rows instead of once per row (that traffic was most of this loop's work).
     let mut acc = vec![0f32; s.heads * s.value_dim];
-    // Widening buffers for four rows; with `f16c` only the first is used (by the tail loop below).
-    let widened = if f16c { 0 } else { value_width };
-    let mut bufs = [buf, vec![0f32; widened], vec![0f32; widened], vec![0f32; widened]];
+    // Widening buffers for four rows.
+    let mut bufs = [
+        buf,
+        vec![0f32; value_width],
+        vec![0f32; value_width],
+        vec![0f32; value_width],
+    ];
     let start = positions.start;
     let mut i = 0;
     while i + 4 <= n {
         let j = start + i;
-        // With F16C, an explicit kernel reads the four rows in place (f16 widened in registers).
-        #[cfg(target_arch = "x86_64")]
-        if f16c {
-            for jj in j..j + 4 {
-                prefetch_row(values, (jj + 4) * s.value_stride, value_width);
-            }
-            let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
-            let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
-            for h in 0..s.heads {
-                let offset = (h / group) * s.value_dim;
-                let v = [
-                    &rows[0][offset..][..s.value_dim],
-                    &rows[1][offset..][..s.value_dim],
-                    &rows[2][offset..][..s.value_dim],
-                    &rows[3][offset..][..s.value_dim],
-                ];
-                let p = row_weights(
-                    &scores[h * n + i..h * n + i + 4],
-                    value_scales,
-                    j,
-                    h / group,
-                    s.kv_heads,
-                );
-                let acc = &mut acc[h * s.value_dim..(h + 1) * s.value_dim];
-                T::simd_axpy4::<L>(acc, p, v);
-            }
-            i += 4;
-            continue;
-        }
         let [b0, b1, b2, b3] = &mut bufs;
         let rows = [
             value_row(values, j, s, b0, f16c),
@@ -729,11 +698,12 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     Partial { max, sum, acc }
 }
 
-/// [`attend_positions`] (with `f16c`) for several queries over the same positions of an f16 or i8
-/// cache (the readers of a piece they share, see [`decode_attention_shared`]): the queries go in
-/// pairs through kernels that read and widen each row once for both ([`CacheValue::simd_dot2`],
-/// [`CacheValue::simd_axpy4x2`]), an odd one through the one-query kernels. Each query's result is
-/// bit for bit its own `attend_positions`: the same operations on the same values, in order.
+/// [`attend_positions`] with the explicit kernels (`f16c`), for one query or several over the same
+/// positions (the readers of a cache piece they share, see [`decode_attention_shared`]): the
+/// queries go in pairs through kernels that read and widen each row once for both
+/// ([`CacheValue::simd_dot2`], [`CacheValue::simd_axpy4x2`]), an odd one (or a lone one) through the
+/// one-query kernels. Each query's result is bit for bit what it gets alone: the pair kernels do the
+/// one-query kernels' operations on the same values, in order.
 ///
 /// # Safety
 /// The instruction set of `L` must be available, with F16C (see [`CacheValue::simd_dot`]).
