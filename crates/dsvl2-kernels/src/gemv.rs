@@ -13,20 +13,42 @@ use crate::{OutPtr, PackedMatrix};
 /// Largest `m` handled by the GEMV kernels; above it dequantized panels + gemm are faster. Measured
 /// with `examples/kernel_bench.rs` on 6848x1280 (README): f32 GEMV wins up to m = 8, f16/bf16 (whose
 /// GEMV converts each weight row once) up to 16, and the integer q8_0/q4_k kernels up to 32. The
-/// q8_0_r16 kernels win at every m: tiny's 1110-token prefill (q8_0 GGUF, Emerald Rapids 2 vCPU,
-/// AVX-512 VNNI, OpenBLAS sgemm for the panels) took 3.65-4.24 s with them up to m = 256 and
-/// 2.84-2.98 s with them for every m (two interleaved runs each; 4.0 s at m ≤ 32). On a Zen 3 (AVX2
-/// tiles against OpenBLAS's Zen sgemm, `kernel_bench gemm`, one run on a noisy VM, 2026-12-03) the
-/// tiles matched or beat the panels at 6 of the 7 shapes both run, m = 100 to 3645 (e.g. 729x1152->3456
-/// 176 against 134 GFLOP/s); not at 3645x1152->3456 (137 against 155).
-pub(crate) fn max_m(format: Format) -> usize {
+/// q8_0_r16 kernels win at every m where 8-bit products are cheap: tiny's 1110-token prefill (q8_0
+/// GGUF, Emerald Rapids 2 vCPU, AVX-512 VNNI, OpenBLAS sgemm for the panels) took 3.65-4.24 s with
+/// them up to m = 256 and 2.84-2.98 s with them for every m (two interleaved runs each; 4.0 s at
+/// m ≤ 32). With AVX2 alone see [`AVX2_R16_MAX_M`].
+pub(crate) fn max_m(isa: Isa, format: Format) -> usize {
     match format {
         Format::F32 => 8,
         Format::F16 | Format::Bf16 => 16,
-        // Every m: the interleaved tiles (8 activation rows per pass over an L1/L2-resident group of
-        // 16 weight rows, integer products) outrun dequantized panels + f32 sgemm at prompt sizes too.
+        Format::Q8_0R16 if avx2_beside_openblas(isa) => AVX2_R16_MAX_M,
+        // The interleaved tiles (8 activation rows per pass over an L1/L2-resident group of 16 weight
+        // rows, integer products) outrun dequantized panels + f32 sgemm at prompt sizes too.
         Format::Q8_0R16 => usize::MAX,
         Format::Q8_0 | Format::Q4K => 32,
+    }
+}
+
+/// Largest `m` for the q8_0_r16 tiles when the CPU has AVX2 but no AVX-512 VNNI and OpenBLAS does
+/// the f32 products: there an 8-bit product costs `sign`, `maddubs` and `madd` per 32 values, and on a
+/// Zen 3 all three share the two vector multiply pipes (a register-only loop of `vpsignb` alone ran
+/// 2 per cycle, as `vpmaddwd` alone; with both 0.77 cycles per pair), so the tiles do at most ~21
+/// products per cycle against sgemm's 16 FMA lanes, and reach ~15 hot. In the model (tiny q8_0 GGUF,
+/// 640x480 = 5 tiles, 2-vCPU Zen 3, `dsvl2 bench`, five interleaved pairs, 2026-12-03) the vision tower
+/// (m = 3645) took 25.7-28.0 s on the tiles and 21.8-26.1 s on dequantized panels + OpenBLAS (each
+/// pair faster, by 5-19%), while the prompt (m ≤ 1039) was faster on the tiles (7.4-8.4 s against
+/// 9.9-10.4 s with panels from m = 513, two pairs). Between the two (e.g. 2 image tiles, m = 1458)
+/// was not measured: the tiles keep it.
+const AVX2_R16_MAX_M: usize = 2048;
+
+/// Whether `isa` is the AVX2 set (no AVX-512 VNNI) and large f32 products go to OpenBLAS.
+fn avx2_beside_openblas(isa: Isa) -> bool {
+    #[cfg(all(target_arch = "x86_64", dsvl2_openblas))]
+    return isa == Isa::Avx2 && crate::gemm::use_blas();
+    #[cfg(not(all(target_arch = "x86_64", dsvl2_openblas)))]
+    {
+        let _ = isa;
+        false
     }
 }
 
@@ -228,7 +250,7 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
     for job in jobs.iter_mut() {
         job.weight.check_matmul_args(job.x, job.m, job.y);
         let w = job.weight;
-        if job.m == 0 || w.rows() == 0 || job.m > max_m(w.format()) {
+        if job.m == 0 || w.rows() == 0 || job.m > max_m(isa, w.format()) {
             continue;
         }
         #[cfg(target_arch = "x86_64")]
@@ -270,7 +292,10 @@ pub(crate) fn matmul_many_isa(isa: Isa, jobs: &mut [MatmulJob<'_>]) {
         // the chunks of one job are disjoint.
         unsafe { gemv_rows(isa, t.w, &acts[t.acts], t.m, t.rows.clone(), t.y) }
     });
-    let mut large: Vec<&mut MatmulJob> = jobs.iter_mut().filter(|j| j.m > max_m(j.weight.format())).collect();
+    let mut large: Vec<&mut MatmulJob> = jobs
+        .iter_mut()
+        .filter(|j| j.m > max_m(isa, j.weight.format()))
+        .collect();
     if large.len() >= 2 * rayon::current_num_threads() {
         // Many products (a MoE layer's experts in a prompt): one per thread at a time, largest first so
         // the shared experts' big product does not finish last.

@@ -317,7 +317,7 @@ impl PackedMatrix {
 
     pub(crate) fn matmul_isa(&self, isa: Isa, x: &[f32], m: usize, y: &mut [f32]) {
         self.check_matmul_args(x, m, y);
-        if m <= gemv::max_m(self.format) {
+        if m <= gemv::max_m(isa, self.format) {
             gemv::gemv(isa, self, x, m, y)
         } else {
             gemm::gemm(isa, self, x, m, y)

@@ -241,9 +241,10 @@ fn magnitudes(w: &PackedMatrix, x: &[f32], m: usize) -> Vec<f64> {
 /// term cancels part of the main term, so intermediate sums exceed Σ|w·x|). ~3x margin.
 const TOL_F32: f64 = 1e-5;
 
-/// Whether `matmul` quantizes the activations for this format and m (q8_0 / q4_k GEMV).
-fn quantizes_activations(format: Format, m: usize) -> bool {
-    matches!(format, Format::Q8_0 | Format::Q4K) && m <= gemv::max_m(format)
+/// Whether `matmul` with `isa` quantizes the activations for this format and m (the integer GEMV
+/// kernels of q8_0, q4_k and q8_0_r16).
+fn quantizes_activations(isa: Isa, format: Format, m: usize) -> bool {
+    matches!(format, Format::Q8_0 | Format::Q4K | Format::Q8_0R16) && m <= gemv::max_m(isa, format)
 }
 
 #[test]
@@ -262,11 +263,12 @@ fn matmul_matches_f64_reference() {
             let w = PackedMatrix::from_f32(format, rows, cols, &test_data(rows * cols, 10 + rows as u64)).unwrap();
             for m in [1, 2, 3, 5, 8, 17, 300] {
                 let x = test_data(m * cols, 100 + m as u64);
-                let xq = quantizes_activations(format, m).then(|| quantized_activations(&x, m, cols));
+                let xq = quantized_activations(&x, m, cols);
                 for isa in isas() {
+                    let xq = quantizes_activations(isa, format, m).then_some(&xq[..]);
                     let mut y = vec![f32::NAN; m * rows];
                     w.matmul_isa(isa, &x, m, &mut y);
-                    let e = max_rel_err_vs(&w, &x, xq.as_deref(), m, &y);
+                    let e = max_rel_err_vs(&w, &x, xq, m, &y);
                     assert!(e < TOL_F32, "{format} {rows}x{cols} m={m} {isa:?}: rel err {e:e}");
                     if xq.is_some() {
                         worst_q = worst_q.max(e);
@@ -424,7 +426,7 @@ fn gemv_and_gemm_paths_agree_for_every_m() {
             let mut b = vec![0f32; m * rows];
             gemv::gemv(Isa::detect(), &w, &x, m, &mut a);
             gemm::gemm(Isa::detect(), &w, &x, m, &mut b);
-            let xq = quantizes_activations(format, 1).then(|| quantized_activations(&x, m, cols));
+            let xq = quantizes_activations(Isa::detect(), format, 1).then(|| quantized_activations(&x, m, cols));
             let (ea, eb) = (max_rel_err_vs(&w, &x, xq.as_deref(), m, &a), max_rel_err(&w, &x, m, &b));
             assert!(ea < TOL_F32 && eb < TOL_F32, "{format} m={m}: gemv {ea:e}, gemm {eb:e}");
         }
@@ -1314,6 +1316,33 @@ fn q8_0_r16_matmul_matches_q8_0() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// q8_0_r16 at the AVX2 tiles' limit and just above it, where (AVX2 beside OpenBLAS) the product
+/// goes to dequantized panels + sgemm with the f32 activations instead: each against the f64 product
+/// of the dequantized weights with the activations that path uses. Elsewhere both sides are the tiles.
+#[test]
+fn q8_0_r16_matmul_on_both_sides_of_the_avx2_tile_limit() {
+    let (rows, cols) = (32, 96);
+    let w = PackedMatrix::from_f32(Format::Q8_0R16, rows, cols, &test_data(rows * cols, 85)).unwrap();
+    for m in [2048, 2049] {
+        let x = test_data(m * cols, 86);
+        let xq = quantized_activations(&x, m, cols);
+        for isa in isas() {
+            #[cfg(target_arch = "x86_64")]
+            if crate::gemv::uses_amx_bf16(isa, &w, m) {
+                continue; // bf16 products: `amx_bf16_matches_the_dequantized_product`
+            }
+            let quantized = quantizes_activations(isa, Format::Q8_0R16, m);
+            let mut y = vec![f32::NAN; m * rows];
+            w.matmul_isa(isa, &x, m, &mut y);
+            let e = max_rel_err_vs(&w, &x, quantized.then_some(&xq[..]), m, &y);
+            assert!(
+                e < TOL_F32,
+                "m={m} {isa:?} (8-bit activations: {quantized}): rel err {e:e}"
+            );
         }
     }
 }

@@ -34,7 +34,7 @@ pub fn linear_format(requested: Format, cols: usize) -> Format {
 /// the 16-row interleaved layout where their rows allow (every DeepSeek-VL2 size's do): its integer
 /// kernels do a fraction of the plain layout's work per weight when decoding, and outrun
 /// dequantized panels + f32 sgemm on prompts and the vision tower's tiles too (see the
-/// dsvl2-kernels README). Tiny, 5 tiles, vision tower and projector plain → interleaved: 11.2-11.8 s
+/// dsvl2-kernels README; with AVX2 alone, OpenBLAS takes the vision tower's products back). Tiny, 5 tiles, vision tower and projector plain → interleaved: 11.2-11.8 s
 /// → 9.1-9.4 s (0.59-0.61 → 0.72-0.77 of the f32 FMA peak; two interleaved runs, Emerald Rapids
 /// 2 vCPU). Their activations are then rounded to 8 bits per 32 values, as the language model's are.
 ///
