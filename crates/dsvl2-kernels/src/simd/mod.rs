@@ -56,8 +56,22 @@ fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
 /// file (4 KiB pages), 16 beat 8: `dsvl2 bench` batch 1, short prompt, 35.8-36.8 -> 37.1-38.2 tok/s
 /// (five interleaved pairs, each faster), after the 1039-token image prompt 34.6/35.1 -> 35.8/36.8
 /// (two pairs); from 2 MiB pages (`--no-mmap`) 43.5-43.8 -> 44.0-44.6. The AVX2 kernels
-/// (`DSVL2_KERNELS=avx2`) measured the same with `prefetcht0` or `prefetcht1` (two interleaved rounds).
+/// (`DSVL2_KERNELS=avx2`) measured the same there with `prefetcht0` or `prefetcht1` (two interleaved
+/// rounds), but they have their own distance, [`R16_PREFETCH_AHEAD_AVX2`].
 pub(crate) const R16_PREFETCH_AHEAD: usize = 16 * crate::format::Q8_0R16_GROUP_BYTES;
+
+/// How far ahead of its reads the AVX2 q8_0_r16 GEMV tile prefetches (`prefetcht0`): 5 block
+/// columns, ~2.7 KiB. The CPUs that run this tile are mostly AMD's without AVX-512 (Zen 2/3), and a
+/// Zen 3 wants a much shorter distance than the Sapphire Rapids [`R16_PREFETCH_AHEAD`] was tuned on.
+/// Zen 3 (EPYC, 2 vCPU), tiny's decode weight stream (`kernel_bench -- decode`, median ms per token
+/// at batch 1 over five interleaved rounds): no prefetch 22.0, `prefetcht1` 16 columns ahead (the
+/// AVX-512 tiles' distance) 21.6 and 22.8 (two sets of rounds), 8 columns 21.5, `prefetcht1` 4 or 5
+/// columns 20.3/20.7, `prefetcht0` 3 columns 24.2, 4 columns 19.5, 5 columns 19.0 and 20.2; batch 8
+/// the same throughout (40-44). In the whole model (`dsvl2 bench`, q8_0 GGUF, 1039-token image
+/// prompt, three interleaved pairs against `prefetcht1` 16 columns ahead): batch 1 34.8-38.9 ->
+/// 37.1-40.5 tokens/s, each pair faster; vision, prompt and batch 8 within the noise.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const R16_PREFETCH_AHEAD_AVX2: usize = 5 * crate::format::Q8_0R16_GROUP_BYTES;
 
 /// The loops around the q8_0_r16 GEMV tiles: for each group of 16 weight rows in `w` (`nrows` rows of
 /// `acts.cols` values), `tile(group, first, out)` takes activation rows from `first` on (as many as

@@ -436,7 +436,7 @@ unsafe fn r16_tile<const G: usize>(
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
+        prefetch(blk.wrapping_add(super::R16_PREFETCH_AHEAD_AVX2), Q8_0R16_GROUP_BYTES);
         for h in 0..2 {
             let mut dot = [_mm256_setzero_si256(); G];
             for c in 0..QK8_0 / 4 {
