@@ -128,6 +128,23 @@ impl PackedMatrix {
                 got: data.len(),
             });
         }
+        Self::from_rows(format, rows, cols, |first_row, out| {
+            let start = first_row * cols;
+            out.copy_from_slice(&data[start..start + out.len()]);
+        })
+    }
+
+    /// Quantizes/converts a `[rows, cols]` matrix whose f32 rows `fill(first_row, out)` writes into
+    /// `out` (whole rows, from `first_row` on), a few tens of KiB at a time and in parallel. Unlike
+    /// [`Self::from_f32`] nothing of the matrix exists as f32 at once, so converting a bf16
+    /// checkpoint's 662 MB f32 lm_head costs its 662 MB, not twice that, at the peak of a load.
+    pub fn from_rows(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<Self, KernelError> {
+        Self::check_shape(format, rows, cols)?;
         let mut out = AlignedBytes::zeroed(format.bytes_for(rows, cols));
         // Whole row groups (q8_0_r16 interleaves 16 rows; other formats have groups of one row).
         let group = format.row_group();
@@ -135,12 +152,15 @@ impl PackedMatrix {
         // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
         // (No rows or no columns: nothing to convert.)
         if let Some(per_task) = (64 * 1024usize).checked_div(group_bytes) {
-            let per_task = per_task.max(1);
+            let task_bytes = group_bytes * per_task.max(1);
             out.as_mut_slice()
-                .par_chunks_mut(group_bytes * per_task)
-                .zip(data.par_chunks(group * cols * per_task))
-                .for_each(|(dst, src)| {
-                    for (d, s) in dst.chunks_exact_mut(group_bytes).zip(src.chunks_exact(group * cols)) {
+                .par_chunks_mut(task_bytes)
+                .enumerate()
+                .for_each_init(Vec::new, |values, (task, dst)| {
+                    let task_rows = dst.len() / group_bytes * group;
+                    values.resize(task_rows * cols, 0.0);
+                    fill(task * (task_bytes / group_bytes) * group, values);
+                    for (d, s) in dst.chunks_exact_mut(group_bytes).zip(values.chunks_exact(group * cols)) {
                         match format {
                             Format::Q8_0R16 => quant::quantize_group_r16(s, cols, d),
                             _ => quant::quantize_row(format, s, d),

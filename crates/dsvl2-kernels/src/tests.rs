@@ -618,6 +618,41 @@ fn from_bytes_round_trips() {
     assert_eq!(part, dequantize_all(&w, Isa::Scalar)[256..768]);
 }
 
+/// A matrix converted in many parallel tasks (the last one short) is byte for byte its row groups
+/// converted one at a time: `from_rows` hands each task the right rows.
+#[test]
+fn conversion_in_tasks_matches_group_by_group() {
+    let (rows, cols) = (208, 1024);
+    let data = test_data(rows * cols, 61);
+    for format in [
+        Format::F32,
+        Format::F16,
+        Format::Bf16,
+        Format::Q8_0,
+        Format::Q8_0R16,
+        Format::Q4K,
+    ] {
+        let whole = PackedMatrix::from_f32(format, rows, cols, &data).unwrap();
+        let group = format.row_group();
+        let by_group: Vec<u8> = data
+            .chunks(group * cols)
+            .flat_map(|g| {
+                PackedMatrix::from_f32(format, group, cols, g)
+                    .unwrap()
+                    .as_bytes()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(whole.as_bytes(), &by_group[..], "{format:?}");
+        let filled = PackedMatrix::from_rows(format, rows, cols, |first_row, out| {
+            assert_eq!(out.len() % (group * cols), 0, "{format:?}: whole row groups");
+            out.copy_from_slice(&data[first_row * cols..][..out.len()]);
+        })
+        .unwrap();
+        assert_eq!(filled.as_bytes(), whole.as_bytes(), "{format:?}");
+    }
+}
+
 #[test]
 #[should_panic(expected = "matmul: y has")]
 fn matmul_checks_lengths() {

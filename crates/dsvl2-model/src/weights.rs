@@ -177,9 +177,25 @@ impl Weights {
                 let source: SharedBytes = bytes.clone();
                 PackedMatrix::from_shared(format, rows, cols, source, entry.start)
             }
-            Stored::Float(_) => {
+            // Decoded a few rows at a time straight into the stored format: a whole f32 copy of
+            // the tensor beside the converted one would be the load's peak memory.
+            Stored::Float(stored) => {
                 let format = storage_format(name, &entry.shape, self.format);
-                PackedMatrix::from_f32(format, rows, cols, &self.read_f32(name, entry)?)
+                let bytes = self.bytes(entry);
+                let row_bytes = cols * stored.block_bytes();
+                if bytes.len() != rows * row_bytes {
+                    return Err(ModelError::Weights {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor `{name}` holds {} bytes but its shape [{rows}, {cols}] of {stored:?} needs {}",
+                            bytes.len(),
+                            rows * row_bytes
+                        ),
+                    });
+                }
+                PackedMatrix::from_rows(format, rows, cols, |first_row, out| {
+                    decode_floats_into(stored, &bytes[first_row * row_bytes..], out)
+                })
             }
         };
         let matrix = matrix.map_err(|e| ModelError::Weights {
@@ -332,24 +348,27 @@ fn decode_floats(format: Format, bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / width];
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
-        .for_each(|(out, bytes)| {
-            let values = bytes.chunks_exact(width);
-            match format {
-                Format::F16 => out
-                    .iter_mut()
-                    .zip(values)
-                    .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                Format::Bf16 => out
-                    .iter_mut()
-                    .zip(values)
-                    .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                _ => out
-                    .iter_mut()
-                    .zip(values)
-                    .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            }
-        });
+        .for_each(|(out, bytes)| decode_floats_into(format, bytes, out));
     out
+}
+
+/// The first `out.len()` little-endian f32/f16/bf16 values of `bytes`, as f32.
+fn decode_floats_into(format: Format, bytes: &[u8], out: &mut [f32]) {
+    let values = bytes.chunks_exact(format.block_bytes());
+    match format {
+        Format::F16 => out
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Format::Bf16 => out
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        _ => out
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    }
 }
 
 type Opened = (Vec<Source>, BTreeMap<String, Entry>);
