@@ -152,14 +152,15 @@ impl PackedMatrix {
         // Several rows per task: a q4_k row of a few thousand values takes only tens of microseconds.
         // (No rows or no columns: nothing to convert.)
         if let Some(per_task) = (64 * 1024usize).checked_div(group_bytes) {
-            let task_bytes = group_bytes * per_task.max(1);
+            let groups_per_task = per_task.max(1);
+            let task_bytes = group_bytes * groups_per_task;
             out.as_mut_slice()
                 .par_chunks_mut(task_bytes)
                 .enumerate()
                 .for_each_init(Vec::new, |values, (task, dst)| {
                     let task_rows = dst.len() / group_bytes * group;
                     values.resize(task_rows * cols, 0.0);
-                    fill(task * (task_bytes / group_bytes) * group, values);
+                    fill(task * groups_per_task * group, values);
                     for (d, s) in dst.chunks_exact_mut(group_bytes).zip(values.chunks_exact(group * cols)) {
                         match format {
                             Format::Q8_0R16 => quant::quantize_group_r16(s, cols, d),

@@ -181,18 +181,8 @@ impl Weights {
             // the tensor beside the converted one would be the load's peak memory.
             Stored::Float(stored) => {
                 let format = storage_format(name, &entry.shape, self.format);
-                let bytes = self.bytes(entry);
+                let bytes = self.float_bytes(name, entry, stored)?;
                 let row_bytes = cols * stored.block_bytes();
-                if bytes.len() != rows * row_bytes {
-                    return Err(ModelError::Weights {
-                        path: path.clone(),
-                        message: format!(
-                            "tensor `{name}` holds {} bytes but its shape [{rows}, {cols}] of {stored:?} needs {}",
-                            bytes.len(),
-                            rows * row_bytes
-                        ),
-                    });
-                }
                 PackedMatrix::from_rows(format, rows, cols, |first_row, out| {
                     decode_floats_into(stored, &bytes[first_row * row_bytes..], out)
                 })
@@ -244,35 +234,45 @@ impl Weights {
 
     /// Decodes a tensor to f32 (in parallel: checkpoints are gigabytes of bf16).
     fn read_f32(&self, name: &str, entry: &Entry) -> Result<Vec<f32>, ModelError> {
-        let bytes = self.bytes(entry);
-        let elements: usize = entry.shape.iter().product();
-        let values = match entry.stored {
-            Stored::Float(format) => decode_floats(format, bytes),
+        Ok(match entry.stored {
+            Stored::Float(format) => decode_floats(format, self.float_bytes(name, entry, format)?),
             // GGUF float tensors: decoded straight from the file, like safetensors ones.
-            Stored::Blocks(format) if format.block_len() == 1 => decode_floats(format, bytes),
+            Stored::Blocks(format) if format.block_len() == 1 => {
+                decode_floats(format, self.float_bytes(name, entry, format)?)
+            }
             Stored::Blocks(format) => {
+                let elements: usize = entry.shape.iter().product();
                 let cols = entry.shape.last().copied().unwrap_or(1);
                 let rows = elements / cols.max(1);
-                let matrix = PackedMatrix::from_bytes(format, rows, cols, bytes).map_err(|e| ModelError::Weights {
-                    path: self.sources[entry.source].path.clone(),
-                    message: format!("tensor `{name}`: {e}"),
+                let matrix = PackedMatrix::from_bytes(format, rows, cols, self.bytes(entry)).map_err(|e| {
+                    ModelError::Weights {
+                        path: self.sources[entry.source].path.clone(),
+                        message: format!("tensor `{name}`: {e}"),
+                    }
                 })?;
                 let mut out = vec![0f32; elements];
                 matrix.dequantize_rows(0, rows, &mut out);
                 out
             }
-        };
-        if values.len() != elements {
+        })
+    }
+
+    /// The bytes of a tensor of plain `format` floats, checked to hold exactly its shape's values.
+    fn float_bytes(&self, name: &str, entry: &Entry, format: Format) -> Result<&[u8], ModelError> {
+        let bytes = self.bytes(entry);
+        let elements: usize = entry.shape.iter().product();
+        if bytes.len() != elements * format.block_bytes() {
             return Err(ModelError::Weights {
                 path: self.sources[entry.source].path.clone(),
                 message: format!(
-                    "tensor `{name}` holds {} values but its shape {:?} needs {elements}",
-                    values.len(),
-                    entry.shape
+                    "tensor `{name}` holds {} bytes but its shape {:?} of {format:?} needs {}",
+                    bytes.len(),
+                    entry.shape,
+                    elements * format.block_bytes()
                 ),
             });
         }
-        Ok(values)
+        Ok(bytes)
     }
 
     /// Called once a tensor's bytes have been copied out: drops its file pages from this process
