@@ -640,6 +640,9 @@ impl Mla {
         }
         // [s, rank] and [s, rope], f32 (see `Attention::new_cache`).
         pieces.push((latent.append(c)?, rope_key.append(k_rope)?));
+        if segment.mask.is_some() {
+            return self.attend_prompt(q_rope, q_latent, &pieces);
+        }
         let q_rope = q_rope.reshape((h * t, self.rope_dim))?;
         let q_latent = q_latent.reshape((h * t, self.rank))?;
         let scores = pieces
@@ -666,5 +669,51 @@ impl Mla {
             start += n;
         }
         out.expect("at least the own piece").reshape((h, t, self.rank))
+    }
+
+    /// A prompt chunk's causal attention (its `t` rows are the last of the pieces' positions) on the
+    /// kernels' blocked attention: MLA in latent form is one key/value head shared by all heads, whose
+    /// key rows are `[latent | rope key]` and whose values are the latents, i.e. the first `rank`
+    /// values of the same rows. So the rows serve as both, and each head's output keeps its first
+    /// `rank` columns (the other `rope` are the softmax applied to the rope keys, dropped). Scores
+    /// live one block of queries at a time: the whole `[h·t, s]` score matrix and its softmax
+    /// temporaries (~70 MB each for small's 16 heads at 1039 positions) are never formed. Returns
+    /// `[h, t, rank]`.
+    fn attend_prompt(
+        &self,
+        q_rope: &Tensor,
+        q_latent: &Tensor,
+        pieces: &[(Tensor, Tensor)],
+    ) -> candle_core::Result<Tensor> {
+        let (h, t, rank) = (self.heads, q_rope.dim(1)?, self.rank);
+        let width = rank + self.rope_dim;
+        let (latents, rope_keys): (Vec<&Tensor>, Vec<&Tensor>) = pieces.iter().map(|(c, k)| (c, k)).unzip();
+        let keys = Tensor::cat(&[Tensor::cat(&latents, 0)?, Tensor::cat(&rope_keys, 0)?], 1)?; // [s, width]
+        let queries = f32_rows(&Tensor::cat(&[q_latent, q_rope], 2)?.transpose(0, 1)?)?; // [t, h, width]
+        let shape = PrefillShape {
+            heads: h,
+            kv_heads: 1,
+            head_dim: width,
+            queries: t,
+            keys: keys.dim(0)?,
+            scale: self.softmax_scale as f32,
+            causal: true,
+        };
+        let mut out = vec![0f32; t * h * width];
+        with_f32_slice(&keys, |keys| {
+            let rows = HeadRows {
+                data: keys,
+                row_stride: width,
+            };
+            let queries = HeadRows {
+                data: &queries,
+                row_stride: h * width,
+            };
+            prefill_attention(queries, rows, rows, &shape, &mut out, h * width)
+        })?;
+        Tensor::from_vec(out, (t, h, width), q_rope.device())?
+            .narrow(2, 0, rank)?
+            .transpose(0, 1)?
+            .contiguous()
     }
 }

@@ -93,6 +93,13 @@ impl GrowingTensor {
             .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
+    /// Bytes of one position (one row along dimension 0); 0 before the first append.
+    fn bytes_per_position(&self) -> usize {
+        self.buffer
+            .as_ref()
+            .map_or(0, |b| b.elem_count() / b.dims()[0].max(1) * b.dtype().size_in_bytes())
+    }
+
     /// An empty tensor of the same dtype.
     fn empty_like(&self) -> Self {
         GrowingTensor::new(self.dtype)
@@ -448,6 +455,16 @@ impl SequenceCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes one position takes in this cache's own layers, all layers together (what a decoding
+    /// step reads per position it attends to); 0 before anything was appended.
+    pub fn bytes_per_position(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(LayerCache::tensors)
+            .map(GrowingTensor::bytes_per_position)
+            .sum()
     }
 
     /// An independent copy: both can go on decoding without affecting each other. A shared prefix

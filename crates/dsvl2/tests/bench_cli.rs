@@ -294,6 +294,8 @@ fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
         "mem_bandwidth_gbps",
         "fma_peak_gflops",
         "decode_roofline_ratio",
+        "decode_cache_bytes_per_token",
+        "decode_memory_ratio",
         "vision_peak_ratio",
         "prefill_peak_ratio",
         "request_s",
@@ -331,6 +333,29 @@ fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
     assert!((positive(report, "request_s") - stages).abs() < 1e-6);
     assert!(positive(report, "process_to_last_token_s") >= stages);
     assert!(positive(report, "decode_bytes_per_token") <= positive(report, "weight_bytes"));
+    // tiny-like: 3 layers of keys and values, 4 heads of 16 values each; i8 rows carry an f32 scale
+    // per head. A timed step attends to the prompt, the tokens before it and its own.
+    let per_position = 3.0
+        * 2.0
+        * match kv_cache {
+            "f32" => 4.0 * 64.0,
+            "f16" => 2.0 * 64.0,
+            "i8" => 64.0 + 4.0 * 4.0,
+            other => panic!("unexpected cache format {other}"),
+        };
+    let prompt = positive(report, "prefill_tokens");
+    let mean_positions = (prompt + 1.0 + prompt + positive(report, "decode_tokens") - 1.0) / 2.0;
+    assert_eq!(
+        positive(report, "decode_cache_bytes_per_token"),
+        (per_position * mean_positions).round()
+    );
+    let ratio = |key: &str| positive(report, key) / positive(report, "decode_bytes_per_token");
+    assert!(
+        (positive(report, "decode_memory_ratio") / positive(report, "decode_roofline_ratio")
+            - (1.0 + ratio("decode_cache_bytes_per_token")))
+        .abs()
+            < 1e-9
+    );
 }
 
 #[test]

@@ -110,6 +110,9 @@ pub struct Report {
     pub decode_distinct_tokens_per_s: serde_json::Map<String, serde_json::Value>,
     /// Weight bytes one batch-1 decode step reads (all but the routed experts not chosen).
     pub decode_bytes_per_token: u64,
+    /// Attention-cache bytes a batch-1 decode step reads, averaged over the timed steps (every
+    /// position so far, in every layer: it grows with the prompt).
+    pub decode_cache_bytes_per_token: u64,
     pub peak_rss_bytes: Option<u64>,
     /// Bytes of the weights held in memory (after conversion to `dtype`).
     pub weight_bytes: u64,
@@ -120,8 +123,11 @@ pub struct Report {
     pub fma_peak_gflops: f64,
     /// Instructions of the FMA probe (`avx2+fma` or `scalar`).
     pub fma_peak_isa: String,
-    /// decode_bytes_per_token x tokens/s (batch 1) / bandwidth.
+    /// decode_bytes_per_token x tokens/s (batch 1) / bandwidth: the weights alone.
     pub decode_roofline_ratio: f64,
+    /// (decode_bytes_per_token + decode_cache_bytes_per_token) x tokens/s (batch 1) / bandwidth:
+    /// everything a step must read from memory.
+    pub decode_memory_ratio: f64,
     /// (vision_gflops / vision_s) / fma_peak_gflops.
     pub vision_peak_ratio: f64,
     /// (prefill_gflops / prefill_s) / fma_peak_gflops.
@@ -190,6 +196,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let decode_s = started.elapsed().as_secs_f64();
     let process_to_last_token_s = clock.seconds();
+    // The timed steps attended to prompt + 1 ..= cache.len() positions.
+    let mean_positions = (prompt_len + 1 + cache.len()) as f64 / 2.0;
+    let decode_cache_bytes_per_token = (cache.bytes_per_position() as f64 * mean_positions).round() as u64;
     drop(cache);
 
     let mut decode_tokens_per_s = serde_json::Map::new();
@@ -237,6 +246,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_tokens_per_s,
         decode_distinct_tokens_per_s,
         decode_bytes_per_token,
+        decode_cache_bytes_per_token,
         peak_rss_bytes: peak_rss,
         weight_bytes: model.weight_bytes(),
         total_params: work.total_params,
@@ -245,6 +255,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         fma_peak_gflops,
         fma_peak_isa: probe::fma_isa().to_string(),
         decode_roofline_ratio: decode_bytes_per_token as f64 * batch1 / (mem_bandwidth_gbps * 1e9),
+        decode_memory_ratio: (decode_bytes_per_token + decode_cache_bytes_per_token) as f64 * batch1
+            / (mem_bandwidth_gbps * 1e9),
         vision_peak_ratio: ratio(vision_gflops, vision_s, fma_peak_gflops),
         prefill_peak_ratio: ratio(prefill_gflops, prefill_s, fma_peak_gflops),
         request_s: preprocess_s + vision_s + prefill_s + decode_s,
@@ -439,11 +451,13 @@ fn table(r: &Report) -> String {
         (
             "decode (batch 1)".into(),
             format!(
-                "{:.3} s  {} tokens, {:.1} MB/token, {:.0}% of bandwidth",
+                "{:.3} s  {} tokens, {:.1} MB/token of weights ({:.0}% of bandwidth), + {:.1} MB of cache ({:.0}%)",
                 r.decode_s,
                 r.decode_tokens,
                 r.decode_bytes_per_token as f64 / 1e6,
-                100.0 * r.decode_roofline_ratio
+                100.0 * r.decode_roofline_ratio,
+                r.decode_cache_bytes_per_token as f64 / 1e6,
+                100.0 * r.decode_memory_ratio
             ),
         ),
     ];
