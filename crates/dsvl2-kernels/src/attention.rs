@@ -632,7 +632,7 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     // scores[h * n + i]: head h, position positions.start + i.
     let mut scores = vec![0f32; s.heads * n];
     for (i, j) in positions.clone().enumerate() {
-        prefetch_row(keys, (j + 2) * s.key_stride, key_width);
+        prefetch_row(keys, (j + rows_ahead::<T>(key_width)) * s.key_stride, key_width);
         let row = T::widen(&keys[j * s.key_stride..][..key_width], &mut buf, f16c);
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
@@ -723,7 +723,7 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     // scores[r][h * n + i]: query r, head h, position positions.start + i.
     let mut scores = vec![vec![0f32; s.heads * n]; queries.len()];
     for (i, j) in positions.clone().enumerate() {
-        prefetch_row(keys, (j + 2) * s.key_stride, key_width);
+        prefetch_row(keys, (j + rows_ahead::<T>(key_width)) * s.key_stride, key_width);
         let row = &keys[j * s.key_stride..][..key_width];
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
@@ -758,8 +758,9 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     let mut i = 0;
     while i + 4 <= n {
         let j = start + i;
+        let ahead = rows_ahead::<T>(value_width);
         for jj in j..j + 4 {
-            prefetch_row(values, (jj + 4) * s.value_stride, value_width);
+            prefetch_row(values, (jj + ahead) * s.value_stride, value_width);
         }
         let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
         let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
@@ -846,17 +847,32 @@ unsafe fn value_row<'a, T: CacheValue>(
     f16c: bool,
 ) -> &'a [f32] {
     let width = s.kv_heads * s.value_dim;
-    prefetch_row(values, (j + 4) * s.value_stride, width);
+    prefetch_row(values, (j + rows_ahead::<T>(width)) * s.value_stride, width);
     T::widen(&values[j * s.value_stride..][..width], buf, f16c)
 }
 
-/// Asks for `len` values of `cache` from `start` on to be loaded into the cache (see
-/// [`crate::simd::prefetch`]); past the end of the cache it does nothing.
+/// How many rows of `width` values ahead of its reads a pass over the cache prefetches: at least
+/// 8 KiB (two 4 KiB pages, which the hardware prefetchers stop at) and two rows.
+#[inline(always)]
+fn rows_ahead<T>(width: usize) -> usize {
+    (8192 / (width * std::mem::size_of::<T>()).max(1)).max(2)
+}
+
+/// Asks for `len` values of `cache` from `start` on to be loaded into L2 (see
+/// [`crate::simd::prefetch_l2`]); past the end of the cache it does nothing. Into L2 rather than L1:
+/// the lines do not hold L1's few fill buffers while they come from memory, so more are in flight.
+/// Decode attention at tiny's shape (10 heads x 128, 1039 positions, `kernel_bench -- attention`,
+/// 2-vCPU Zen 4, cold cache, per layer), against `prefetcht0` two key rows and four value rows
+/// ahead: f16 cache 268-285 -> 190-235 µs, i8 173-189 -> 111-134 µs, and at 4096 positions f16
+/// 981 -> 802 µs, i8 602 -> 386 µs; the distance (2 to 16 rows) made no clear difference, and
+/// prefetching every second or fourth line only was slower. In `dsvl2 bench` after the 1039-token
+/// image prompt it measured neither faster nor slower (tiny q8_0, two interleaved pairs per cache
+/// format), there the cache of the last layers may still be partly in L3.
 #[inline(always)]
 fn prefetch_row<T>(cache: &[T], start: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if start < cache.len() {
-        crate::simd::prefetch(cache[start..].as_ptr() as *const u8, std::mem::size_of::<T>() * len);
+        crate::simd::prefetch_l2(cache[start..].as_ptr() as *const u8, std::mem::size_of::<T>() * len);
     }
 }
 
