@@ -74,7 +74,8 @@ pub fn mem_bandwidth_gbps() -> f64 {
 pub fn mem_bandwidth_with(bytes: usize, passes: usize) -> f64 {
     let threads = threads();
     let words = (bytes / 64).max(threads) * 8;
-    let mut data = vec![0u64; words];
+    let mut buffer = SystemBuffer::new(words);
+    let data = buffer.words();
     let per = words.div_ceil(threads).next_multiple_of(8);
     // Touch every page from the thread that will read it, so the pages exist (and are local).
     std::thread::scope(|s| {
@@ -99,6 +100,42 @@ pub fn mem_bandwidth_with(bytes: usize, passes: usize) -> f64 {
         best = best.min(started.elapsed().as_secs_f64());
     }
     (words * 8) as f64 / best / 1e9
+}
+
+/// Zeroed u64s from the system allocator rather than the global one (mimalloc), so that the memory
+/// goes back to the operating system when dropped (glibc maps an allocation this large on its own,
+/// and unmaps it when freed): `dsvl2 bench` runs the probe between timed stages and resets the
+/// peak-RSS mark after it, which only leaves the probe out if its pages are gone by then.
+struct SystemBuffer {
+    ptr: *mut u64,
+    layout: std::alloc::Layout,
+}
+
+impl SystemBuffer {
+    fn new(words: usize) -> Self {
+        use std::alloc::GlobalAlloc;
+        let layout = std::alloc::Layout::array::<u64>(words.max(1)).expect("a buffer that fits the address space");
+        // SAFETY: the layout's size is non-zero; the memory is freed in `drop` with the same layout.
+        let ptr = unsafe { std::alloc::System.alloc_zeroed(layout) } as *mut u64;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        SystemBuffer { ptr, layout }
+    }
+
+    fn words(&mut self) -> &mut [u64] {
+        // SAFETY: `ptr` holds `layout.size()` zeroed (initialised) bytes, aligned for u64, owned by
+        // `self` and borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size() / 8) }
+    }
+}
+
+impl Drop for SystemBuffer {
+    fn drop(&mut self) {
+        use std::alloc::GlobalAlloc;
+        // SAFETY: allocated by `System` with this layout in `new`, and freed once.
+        unsafe { std::alloc::System.dealloc(self.ptr as *mut u8, self.layout) }
+    }
 }
 
 /// Wrapping sum of `words`, with independent accumulators so the loads, not the adds, limit it.

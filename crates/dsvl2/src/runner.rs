@@ -255,6 +255,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS (Linux `clear_refs`); false where
+/// that is not possible (other systems, or a /proc that refuses it).
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// A seed from the clock, for runs that do not ask for reproducibility.
 pub fn clock_seed() -> u64 {
     let now = std::time::SystemTime::now()

@@ -303,6 +303,26 @@ fn check_bench_report(report: &Value, dtype: &str, kv_cache: &str) {
     ] {
         positive(report, key);
     }
+    // The bandwidth is probed right before and right after the batch-1 decode where the peak RSS can
+    // be kept apart from the probe (Linux), otherwise once at the end; the reported figure is
+    // their mean.
+    let probes: Vec<f64> = report["mem_bandwidth_probes_gbps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_f64().unwrap())
+        .collect();
+    let expected = if cfg!(target_os = "linux") { 2 } else { 1 };
+    assert_eq!(probes.len(), expected, "{probes:?}");
+    assert!(probes.iter().all(|g| g.is_finite() && *g > 0.0), "{probes:?}");
+    let mean = probes.iter().sum::<f64>() / probes.len() as f64;
+    assert!((positive(report, "mem_bandwidth_gbps") - mean).abs() < 1e-9);
+    // The probes' 1 GiB buffer is left out of the peak memory (the fixture model needs far less).
+    let peak = positive(report, "peak_rss_bytes");
+    assert!(
+        peak < (1u64 << 30) as f64,
+        "peak RSS {peak} includes the bandwidth probe"
+    );
     // small_photo (225x154) -> global view + 1x1 local tile.
     assert_eq!(report["vision_tiles"], 2);
     assert_eq!(report["decode_tokens"], 4);

@@ -4,9 +4,16 @@
 //! machine's limits (memory bandwidth, FMA peak) measured in the same process, and
 //! how close each stage comes to its limit.
 //!
-//! Order: all model timings first, then peak RSS is read, then the bandwidth probe (1 GiB buffer)
-//! and the FMA probe. The probes come last so their buffer neither inflates the reported peak
-//! memory nor evicts the model's data from the caches before a timed stage.
+//! Order: load, preprocess, vision and prefill; the bandwidth probe (1 GiB buffer); the batch-1
+//! decode; the bandwidth probe again; the batches; peak RSS; the FMA probe. The bandwidth is
+//! measured right beside the decode it is compared with because the memory bandwidth of the VMs
+//! this runs on changes for seconds at a time (a 2-vCPU Zen 4 switched between ~35 and ~55 GB/s
+//! every few seconds, pass after pass of the same probe), so a probe at the end can catch another
+//! state than the decode saw; `mem_bandwidth_gbps` is the mean of the two. The probes' buffer is kept
+//! out of the reported peak RSS by resetting the kernel's peak mark around them (Linux
+//! `clear_refs`); where that is not possible, the probe runs once, after the peak is read, and the
+//! decode is compared with that. Nothing else runs between a probe and a timed stage, and the
+//! probe's time is not counted in `process_to_last_token_s`.
 //!
 //! Analytic work (documented in `--help` of the fields below and in [`Work`]):
 //! * `vision_gflops` = tiles x (patch embed `2*T*(3*p*p)*W` + layers x (`2*T*(W*3W + W*W +
@@ -35,7 +42,7 @@ use serde::Serialize;
 
 use super::random_model::{checkpoint_tensors, Part};
 use crate::probe;
-use crate::runner::{load_model, open_model, peak_rss_bytes, LoadArgs, DEFAULT_MODEL};
+use crate::runner::{load_model, open_model, peak_rss_bytes, reset_peak_rss, LoadArgs, DEFAULT_MODEL};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -119,7 +126,12 @@ pub struct Report {
     /// Parameters in the checkpoint; activated per token in the language model (non-embedding).
     pub total_params: u64,
     pub activated_language_params: u64,
+    /// The mean of `mem_bandwidth_probes_gbps`.
     pub mem_bandwidth_gbps: f64,
+    /// The bandwidth probes, each the best of 5 passes over 1 GiB: right before and right after the
+    /// batch-1 decode, or one after all timings where the peak RSS could not be kept apart from
+    /// the probe's buffer (see the module docs).
+    pub mem_bandwidth_probes_gbps: Vec<f64>,
     pub fma_peak_gflops: f64,
     /// Instructions of the FMA probe (`avx2+fma` or `scalar`).
     pub fma_peak_isa: String,
@@ -187,7 +199,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The batches continue from this copy of the prompt's cache, held once (see `decode_batch`).
     let prefilled = cache.fork()?.share();
 
-    // Batch 1: the request as `generate` runs it, greedy, N tokens.
+    // Batch 1: the request as `generate` runs it, greedy, N tokens, with the memory bandwidth
+    // measured right before and right after it (see the module docs).
+    let mut peak_rss = PeakRss::default();
+    let probe_started = Instant::now();
+    let bandwidth_before = peak_rss.excluding(probe::mem_bandwidth_gbps);
+    let probe_s = probe_started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut tokens = vec![first];
     while tokens.len() < n {
@@ -195,7 +212,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokens.push(argmax(&logits.to_vec1::<f32>()?));
     }
     let decode_s = started.elapsed().as_secs_f64();
-    let process_to_last_token_s = clock.seconds();
+    let process_to_last_token_s = clock.seconds() - probe_s;
+    let bandwidth_after = peak_rss.excluding(probe::mem_bandwidth_gbps);
     // The timed steps attended to prompt + 1 ..= cache.len() positions.
     let mean_positions = (prompt_len + 1 + cache.len()) as f64 / 2.0;
     let decode_cache_bytes_per_token = (cache.bytes_per_position() as f64 * mean_positions).round() as u64;
@@ -215,10 +233,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_distinct_tokens_per_s.insert(b.to_string(), distinct.into());
     }
     drop(prefilled);
-    let peak_rss = peak_rss_bytes();
+    let peak_rss = peak_rss.peak();
 
-    // The machine's limits, after the model timings (see the module docs).
-    let mem_bandwidth_gbps = probe::mem_bandwidth_gbps();
+    let mem_bandwidth_probes_gbps = match (bandwidth_before, bandwidth_after) {
+        (Some(before), Some(after)) => vec![before, after],
+        _ => vec![probe::mem_bandwidth_gbps()],
+    };
+    let mem_bandwidth_gbps = mem_bandwidth_probes_gbps.iter().sum::<f64>() / mem_bandwidth_probes_gbps.len() as f64;
     let fma_peak_gflops = probe::fma_peak_gflops();
 
     let work = Work::new(&config);
@@ -252,6 +273,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         total_params: work.total_params,
         activated_language_params: work.activated_params,
         mem_bandwidth_gbps,
+        mem_bandwidth_probes_gbps,
         fma_peak_gflops,
         fma_peak_isa: probe::fma_isa().to_string(),
         decode_roofline_ratio: decode_bytes_per_token as f64 * batch1 / (mem_bandwidth_gbps * 1e9),
@@ -270,6 +292,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         write!(stdout, "{}", table(&report))?;
     }
     Ok(())
+}
+
+/// The process's peak RSS over the model's work, with the memory of probes run between its stages
+/// left out (see [`Self::excluding`]).
+#[derive(Default)]
+struct PeakRss {
+    /// The highest peak noted before a reset of the kernel's mark.
+    noted: Option<u64>,
+}
+
+impl PeakRss {
+    /// Runs `probe` so that its memory does not count: notes the peak so far, resets the kernel's
+    /// peak mark, runs the probe (which frees its memory before returning) and resets the mark again.
+    /// Returns `None`, without running the probe, where the mark cannot be reset.
+    fn excluding<T>(&mut self, probe: impl FnOnce() -> T) -> Option<T> {
+        let so_far = peak_rss_bytes();
+        if !reset_peak_rss() {
+            return None;
+        }
+        self.noted = self.noted.max(so_far);
+        let out = probe();
+        reset_peak_rss();
+        Some(out)
+    }
+
+    /// The peak over everything but the probes.
+    fn peak(&self) -> Option<u64> {
+        self.noted.max(peak_rss_bytes())
+    }
 }
 
 /// Achieved GFLOP/s over the peak; 0 when the stage did no work.
@@ -493,7 +544,18 @@ fn table(r: &Report) -> String {
             r.peak_rss_bytes
                 .map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
         ),
-        ("memory bandwidth".into(), format!("{:.1} GB/s", r.mem_bandwidth_gbps)),
+        (
+            "memory bandwidth".into(),
+            format!(
+                "{:.1} GB/s  (probes: {})",
+                r.mem_bandwidth_gbps,
+                r.mem_bandwidth_probes_gbps
+                    .iter()
+                    .map(|g| format!("{g:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         (
             "FMA peak".into(),
             format!("{:.1} GFLOP/s ({})", r.fma_peak_gflops, r.fma_peak_isa),
