@@ -281,17 +281,19 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let nb = acts.cols / QK8_0;
+    let ahead = super::r16_prefetch_ahead_avx512();
     super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| match m - i {
-        1 => r16_tile::<1>(group, nb, acts, i, out, y_stride),
-        2 => r16_tile::<2>(group, nb, acts, i, out, y_stride),
-        3 => r16_tile::<3>(group, nb, acts, i, out, y_stride),
-        4..=7 => r16_tile::<4>(group, nb, acts, i, out, y_stride),
-        _ => r16_tile::<8>(group, nb, acts, i, out, y_stride),
+        1 => r16_tile::<1>(group, nb, acts, i, out, y_stride, ahead),
+        2 => r16_tile::<2>(group, nb, acts, i, out, y_stride, ahead),
+        3 => r16_tile::<3>(group, nb, acts, i, out, y_stride, ahead),
+        4..=7 => r16_tile::<4>(group, nb, acts, i, out, y_stride, ahead),
+        _ => r16_tile::<8>(group, nb, acts, i, out, y_stride, ahead),
     });
 }
 
 /// One group of 16 q8_0_r16 rows (`nb` block columns from `w`) against activation rows
-/// `first..first + G`; writes 16 outputs per activation row at `y + g · y_stride`. Returns `G`.
+/// `first..first + G`; writes 16 outputs per activation row at `y + g · y_stride`, prefetching `ahead`
+/// bytes ahead of its reads (see [`super::r16_prefetch_ahead_avx512`]). Returns `G`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn r16_tile<const G: usize>(
@@ -301,6 +303,7 @@ unsafe fn r16_tile<const G: usize>(
     first: usize,
     y: *mut f32,
     y_stride: usize,
+    ahead: usize,
 ) -> usize {
     let bias = _mm512_set1_epi8(-128);
     let xq: [*const u8; G] = std::array::from_fn(|g| acts.q.as_ptr().add((first + g) * acts.cols) as *const u8);
@@ -309,7 +312,7 @@ unsafe fn r16_tile<const G: usize>(
     let mut acc = [_mm512_setzero_ps(); G];
     for b in 0..nb {
         let blk = w.add(b * Q8_0R16_GROUP_BYTES);
-        super::prefetch_l2(blk.wrapping_add(super::R16_PREFETCH_AHEAD), Q8_0R16_GROUP_BYTES);
+        super::prefetch_l2(blk.wrapping_add(ahead), Q8_0R16_GROUP_BYTES);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
         let mut even: [__m512i; G] = std::array::from_fn(|g| _mm512_set1_epi32(*xb[g].add(b)));
         let mut odd = [_mm512_setzero_si512(); G];
