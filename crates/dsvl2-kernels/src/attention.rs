@@ -866,8 +866,9 @@ fn rows_ahead<T>(width: usize) -> usize {
 /// ahead: f16 cache 268-285 -> 190-235 µs, i8 173-189 -> 111-134 µs, and at 4096 positions f16
 /// 981 -> 802 µs, i8 602 -> 386 µs; the distance (2 to 16 rows) made no clear difference, and
 /// prefetching every second or fourth line only was slower. In `dsvl2 bench` after the 1039-token
-/// image prompt it measured neither faster nor slower (tiny q8_0, two interleaved pairs per cache
-/// format), there the cache of the last layers may still be partly in L3.
+/// image prompt (tiny q8_0 GGUF, three interleaved rounds where both bandwidth probes read ~35 GB/s)
+/// the gain is within the noise: f16 cache 45.8-46.4 -> 46.4-47.8 tokens/s, i8 48.2-50.3 ->
+/// 47.5-50.7.
 #[inline(always)]
 fn prefetch_row<T>(cache: &[T], start: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]

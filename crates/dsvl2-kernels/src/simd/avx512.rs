@@ -281,7 +281,7 @@ pub(crate) unsafe fn gemv_q8_0_r16(
     y_stride: usize,
 ) {
     let nb = acts.cols / QK8_0;
-    let ahead = super::r16_prefetch_ahead_avx512();
+    let ahead = super::r16_prefetch_ahead_avx512(m);
     super::for_each_r16_tile(w, nrows, acts, m, y, y_stride, |group, i, out| match m - i {
         1 => r16_tile::<1>(group, nb, acts, i, out, y_stride, ahead),
         2 => r16_tile::<2>(group, nb, acts, i, out, y_stride, ahead),

@@ -61,29 +61,27 @@ fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
 /// one, see [`r16_prefetch_ahead_avx512`].
 pub(crate) const R16_PREFETCH_AHEAD: usize = 16 * crate::format::Q8_0R16_GROUP_BYTES;
 
-/// How far ahead of its reads the AVX-512 q8_0_r16 GEMV tile prefetches into L2: [`R16_PREFETCH_AHEAD`]
-/// (tuned on Sapphire Rapids) on Intel's CPUs, 5 block columns (~2.7 KiB) on AMD's, as the AVX2 tile
-/// on Zen 3 ([`R16_PREFETCH_AHEAD_AVX2`]). Zen 4 (EPYC, 2 vCPU), tiny's decode weight stream at
-/// batch 1 (`kernel_bench -- decode`, each token right after one pass of a 1 GiB streaming read, as
-/// that VM's bandwidth switches between ~35 and ~55 GB/s for seconds at a time; ~200 tokens per
+/// How far ahead of its reads the AVX-512 q8_0_r16 GEMV tile prefetches into L2 for `m` activation
+/// rows: [`R16_PREFETCH_AHEAD`] (tuned on Sapphire Rapids) on Intel's CPUs and for `m` ≥ 4, but 5 block
+/// columns (~2.7 KiB) for decoding one to three rows (two and three not measured) on AMD's, as the AVX2 tile on Zen 3
+/// ([`R16_PREFETCH_AHEAD_AVX2`]). Zen 4 (EPYC, 2 vCPU), whose bandwidth switches between ~35 and ~55
+/// GB/s for seconds at a time: tiny's decode weight stream at batch 1 in 4 KiB pages
+/// (`kernel_bench -- decode`, each token right after one pass of a 1 GiB streaming read, ~200 tokens per
 /// distance over five interleaved rounds), mean GB/s of weights beside a slow / fast read: 16 columns
-/// ahead 30.5 / 37.0 (and 48 columns the same), 8 columns 32.2 / 41.2, 6 columns 32.9 / 45.6,
-/// 4 columns 33.4 / 44.8 (and 32.9 / 44.8 in a second set), 2 or 3 columns ~32.4 / 43.5;
-/// `prefetcht0` 4 columns ahead 26-28 / 30-33, no prefetch 27.0 / 31.7. Those matrices sit in 4 KiB
-/// pages; in `dsvl2 bench` (1039-token image prompt, batch 1, interleaved pairs against 16 columns,
-/// both probes reading ~35 GB/s) it measured the same from a GGUF copied into 2 MiB pages
-/// (43.9 against 43.7 tokens/s, mean of four pairs) or mapped (40.3 / 40.2 against 40.2 / 39.9), and
-/// 42.8 against 41.7 / 42.5 with a folder converted at load.
+/// ahead 30.5 / 37.0 (48 the same), 8 columns 32.2 / 41.2, 6 columns 32.9 / 45.6, 4 columns 33.4 /
+/// 44.8 (32.9 / 44.8 in a second set), 2 or 3 columns ~32.4 / 43.5; `prefetcht0` 4 columns ahead
+/// 26-28 / 30-33, no prefetch 27.0 / 31.7. In `dsvl2 bench` (q8_0 GGUF in 2 MiB pages, 1039-token image
+/// prompt, f16 cache, three interleaved rounds): batch 1 42.8-46.4 -> 47.4 tokens/s in the slow state
+/// and 67-72 in the fast one (which the old distance did not turn into speed); 5 columns for batch 8
+/// as well cost 15-20% there (200-209 against 238-251 tokens/s), so batches keep 16.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn r16_prefetch_ahead_avx512() -> usize {
-    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *AHEAD.get_or_init(|| {
-        if is_amd() {
-            5 * crate::format::Q8_0R16_GROUP_BYTES
-        } else {
-            R16_PREFETCH_AHEAD
-        }
-    })
+pub(crate) fn r16_prefetch_ahead_avx512(m: usize) -> usize {
+    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if m < 4 && *AMD.get_or_init(is_amd) {
+        5 * crate::format::Q8_0R16_GROUP_BYTES
+    } else {
+        R16_PREFETCH_AHEAD
+    }
 }
 
 /// Whether the CPU is AMD's (or Hygon's, the same cores), by the vendor string of `cpuid` leaf 0.
