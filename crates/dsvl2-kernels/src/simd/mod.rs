@@ -62,12 +62,13 @@ fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
 pub(crate) const R16_PREFETCH_AHEAD: usize = 16 * crate::format::Q8_0R16_GROUP_BYTES;
 
 /// How far ahead of its reads the AVX-512 q8_0_r16 GEMV tile prefetches into L2 for `m` activation
-/// rows: [`R16_PREFETCH_AHEAD`] (tuned on Sapphire Rapids) on Intel's CPUs and for `m` ≥ 4, but 5 block
-/// columns (~2.7 KiB) for decoding one to three rows (two and three not measured) on AMD's, as the AVX2 tile on Zen 3
-/// ([`R16_PREFETCH_AHEAD_AVX2`]). Zen 4 (EPYC, 2 vCPU), whose bandwidth switches between ~35 and ~55
-/// GB/s for seconds at a time: tiny's decode weight stream at batch 1 in 4 KiB pages
-/// (`kernel_bench -- decode`, each token right after one pass of a 1 GiB streaming read, ~200 tokens per
-/// distance over five interleaved rounds), mean GB/s of weights beside a slow / fast read: 16 columns
+/// rows: [`R16_PREFETCH_AHEAD`] (tuned on Sapphire Rapids) on Intel's CPUs and for `m` ≥ 4, but 5
+/// block columns (~2.7 KiB) for decoding one to three rows (two and three not measured) on AMD's, as
+/// the AVX2 tile on Zen 3 ([`R16_PREFETCH_AHEAD_AVX2`]). Zen 4 (EPYC, 2 vCPU), whose bandwidth
+/// switches between ~35 and ~55 GB/s for seconds at a time: tiny's decode weight stream at batch 1 in
+/// 4 KiB pages (`kernel_bench -- decode`, each token right after one pass of a 1 GiB streaming read,
+/// ~200 tokens per distance over five interleaved rounds), mean GB/s of weights beside a slow / fast
+/// read: 16 columns
 /// ahead 30.5 / 37.0 (48 the same), 8 columns 32.2 / 41.2, 6 columns 32.9 / 45.6, 4 columns 33.4 /
 /// 44.8 (32.9 / 44.8 in a second set), 2 or 3 columns ~32.4 / 43.5; `prefetcht0` 4 columns ahead
 /// 26-28 / 30-33, no prefetch 27.0 / 31.7. In `dsvl2 bench` (q8_0 GGUF in 2 MiB pages, 1039-token image
