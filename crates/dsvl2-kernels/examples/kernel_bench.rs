@@ -1,10 +1,12 @@
 //! Kernel throughput, side by side with candle. Run with
-//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode|vision-attention|stream]`
+//! `cargo run -p dsvl2-kernels --release --example kernel_bench [-- quick] [gemv|hot|gemm|attention|decode [paired]|vision-attention|stream]`
 //! (`gemv`: only the GEMV tables, `hot`: only the single-thread hot GEMV table, `gemm`: only the GEMM
 //! table, `attention`: only decode attention over f16 and i8 caches, and 1, 2 or 8 queries over one
 //! i8 cache in one call, `decode`: the weight products of one decoded token of tiny, as the model
-//! dispatches them, `vision-attention`: the vision tower's attention over one tile, `stream`: summing
-//! 1 GiB in 4 KiB and in 2 MiB pages, split as the kernels split their work).
+//! dispatches them (with `paired`, also tokens each right after a streaming read, split by that
+//! read's speed, for VMs whose bandwidth changes level; see `paired_rounds`), `vision-attention`:
+//! the vision tower's attention over one tile, `stream`: summing 1 GiB in 4 KiB and in 2 MiB pages,
+//! split as the kernels split their work).
 //!
 //! GEMV numbers are "cold": the benchmark cycles through copies of the matrix totalling more than
 //! `COLD_BYTES`, so every call streams its weights from DRAM rather than from the (possibly huge)
@@ -610,6 +612,53 @@ fn decode_stream_table(reps: usize) {
             t * 1e3,
             bytes as f64 / t / 1e9,
             bytes as f64 / t / 1e9 / bw
+        );
+        if std::env::args().any(|a| a == "paired") {
+            paired_rounds(bytes, 8 * reps, || run(0));
+        }
+    }
+}
+
+/// `run` (one token's weight stream, `bytes` of weights) right after one streaming read of
+/// `COLD_BYTES` each, `rounds` times, with the rounds split by the read's speed. On a VM whose memory
+/// bandwidth switches between levels for seconds at a time (a 2-vCPU Zen 4 went between ~35 and ~55
+/// GB/s), a median over all rounds mixes the levels, and a bandwidth figure from another moment can
+/// belong to the other level; each round's read shows the level its token ran in. Rounds whose read is
+/// above the midpoint of the slowest and fastest reads count as fast (only when the fastest is 20%
+/// above the slowest; otherwise all are one level).
+fn paired_rounds(bytes: usize, rounds: usize, mut run: impl FnMut()) {
+    let buffer: Vec<u32> = (0..COLD_BYTES / 4).map(|i| i as u32).collect();
+    run();
+    let pairs: Vec<(f64, f64)> = (0..rounds)
+        .map(|_| {
+            let started = Instant::now();
+            black_box(
+                buffer
+                    .par_chunks(1 << 16)
+                    .map(|c| c.iter().fold(0u32, |s, &v| s.wrapping_add(v)))
+                    .reduce(|| 0, u32::wrapping_add),
+            );
+            let read = COLD_BYTES as f64 / started.elapsed().as_secs_f64() / 1e9;
+            let started = Instant::now();
+            run();
+            (read, bytes as f64 / started.elapsed().as_secs_f64() / 1e9)
+        })
+        .collect();
+    let (lo, hi) = pairs.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &(read, _)| {
+        (lo.min(read), hi.max(read))
+    });
+    let split = if hi > 1.2 * lo { (lo + hi) / 2.0 } else { f64::INFINITY };
+    for (name, fast) in [("slow", false), ("fast", true)] {
+        let level: Vec<&(f64, f64)> = pairs.iter().filter(|(read, _)| (*read > split) == fast).collect();
+        if level.is_empty() {
+            continue;
+        }
+        let mean = |f: fn(&(f64, f64)) -> f64| level.iter().map(|p| f(p)).sum::<f64>() / level.len() as f64;
+        let (read, weights) = (mean(|p| p.0), mean(|p| p.1));
+        println!(
+            "  {name:>4} reads: {:>3} rounds, read {read:>5.1} GB/s, weights {weights:>5.1} GB/s ({:.2} of the read)",
+            level.len(),
+            weights / read
         );
     }
 }
