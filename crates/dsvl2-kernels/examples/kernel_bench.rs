@@ -76,14 +76,18 @@ fn cold_copies(w: PackedMatrix) -> Vec<PackedMatrix> {
 /// rayon threads.
 fn memory_bandwidth() -> f64 {
     let a: Vec<u32> = (0..COLD_BYTES / 4).map(|i| i as u32).collect();
-    let t = median_secs(5, |_| {
-        black_box(
-            a.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u32, |s, &v| s.wrapping_add(v)))
-                .reduce(|| 0, u32::wrapping_add),
-        );
-    });
+    let t = median_secs(5, |_| stream_read(&a));
     COLD_BYTES as f64 / t / 1e9
+}
+
+/// One pass of all threads summing `buffer`, for [`memory_bandwidth`] and [`paired_rounds`].
+fn stream_read(buffer: &[u32]) {
+    black_box(
+        buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u32, |s, &v| s.wrapping_add(v)))
+            .reduce(|| 0, u32::wrapping_add),
+    );
 }
 
 /// CPU time of the calling thread in ns (Linux `CLOCK_THREAD_CPUTIME_ID`), for timings that ignore the
@@ -632,12 +636,7 @@ fn paired_rounds(bytes: usize, rounds: usize, mut run: impl FnMut()) {
     let pairs: Vec<(f64, f64)> = (0..rounds)
         .map(|_| {
             let started = Instant::now();
-            black_box(
-                buffer
-                    .par_chunks(1 << 16)
-                    .map(|c| c.iter().fold(0u32, |s, &v| s.wrapping_add(v)))
-                    .reduce(|| 0, u32::wrapping_add),
-            );
+            stream_read(&buffer);
             let read = COLD_BYTES as f64 / started.elapsed().as_secs_f64() / 1e9;
             let started = Instant::now();
             run();

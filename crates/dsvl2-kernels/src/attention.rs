@@ -631,8 +631,9 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     let (key_scales, value_scales) = (scales.map(|sc| sc.keys), scales.map(|sc| sc.values));
     // scores[h * n + i]: head h, position positions.start + i.
     let mut scores = vec![0f32; s.heads * n];
+    let keys_ahead = rows_ahead::<T>(key_width);
     for (i, j) in positions.clone().enumerate() {
-        prefetch_row(keys, (j + rows_ahead::<T>(key_width)) * s.key_stride, key_width);
+        prefetch_row(keys, (j + keys_ahead) * s.key_stride, key_width);
         let row = T::widen(&keys[j * s.key_stride..][..key_width], &mut buf, f16c);
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
@@ -722,8 +723,9 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     let (key_scales, value_scales) = (scales.map(|sc| sc.keys), scales.map(|sc| sc.values));
     // scores[r][h * n + i]: query r, head h, position positions.start + i.
     let mut scores = vec![vec![0f32; s.heads * n]; queries.len()];
+    let keys_ahead = rows_ahead::<T>(key_width);
     for (i, j) in positions.clone().enumerate() {
-        prefetch_row(keys, (j + rows_ahead::<T>(key_width)) * s.key_stride, key_width);
+        prefetch_row(keys, (j + keys_ahead) * s.key_stride, key_width);
         let row = &keys[j * s.key_stride..][..key_width];
         for h in 0..s.heads {
             let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
@@ -755,12 +757,12 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     }
     // Values four positions at a time, as `attend_positions`.
     let start = positions.start;
+    let values_ahead = rows_ahead::<T>(value_width);
     let mut i = 0;
     while i + 4 <= n {
         let j = start + i;
-        let ahead = rows_ahead::<T>(value_width);
         for jj in j..j + 4 {
-            prefetch_row(values, (jj + ahead) * s.value_stride, value_width);
+            prefetch_row(values, (jj + values_ahead) * s.value_stride, value_width);
         }
         let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
         let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
@@ -833,8 +835,8 @@ fn row_weights(p: &[f32], scales: Option<&[f32]>, j: usize, g: usize, kv_heads: 
     ]
 }
 
-/// The values of position `j` as f32 (widened into `buf` if need be), with those four positions
-/// ahead prefetched.
+/// The values of position `j` as f32 (widened into `buf` if need be), with the row [`rows_ahead`]
+/// positions ahead prefetched.
 ///
 /// # Safety
 /// As [`CacheValue::widen`] for `f16c`.
