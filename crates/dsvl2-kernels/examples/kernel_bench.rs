@@ -18,8 +18,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use dsvl2_kernels::{
     cpu_features, decode_attention, decode_attention_i8, decode_attention_shared, matmul_many, prefill_attention,
-    quantize_i8_rows, AttentionShape, CacheRows, DecodeQuery, Format, HeadRows, MatmulJob, PackedMatrix, PrefillShape,
-    RowScales,
+    quantize_i8_rows, AttentionShape, CacheRows, CacheValue, DecodeQuery, Format, HeadRows, MatmulJob, PackedMatrix,
+    PrefillShape, RowScales,
 };
 use rayon::prelude::*;
 
@@ -432,7 +432,15 @@ fn attention_table(reps: usize) {
         let i8_call = |c: &[(Vec<i8>, Vec<f32>); 2], out: &mut [f32]| {
             decode_attention_i8(&q, &c[0].0, &c[0].1, &c[1].0, &c[1].1, len, &shape, out)
         };
-        attention_row("f16", len, f16_bytes, reps, &[f16.clone(), f16], f16_call, &mut out);
+        attention_row(
+            "f16",
+            len,
+            f16_bytes,
+            reps,
+            &[f16.clone(), f16.clone()],
+            f16_call,
+            &mut out,
+        );
         let i8_cache = (i8s, scales);
         attention_row(
             "i8",
@@ -444,24 +452,32 @@ fn attention_table(reps: usize) {
             &mut out,
         );
         if len == 1039 {
-            shared_attention_rows(&shape, &i8_cache, len, reps);
+            let f16_piece = CacheRows {
+                keys: &f16[..],
+                values: &f16[..],
+                scales: None,
+                len,
+            };
+            shared_attention_rows("f16", &shape, f16_piece, reps);
+            let i8_piece = CacheRows {
+                keys: &i8_cache.0[..],
+                values: &i8_cache.0[..],
+                scales: Some(RowScales {
+                    keys: &i8_cache.1,
+                    values: &i8_cache.1,
+                }),
+                len,
+            };
+            shared_attention_rows("i8", &shape, i8_piece, reps);
         }
     }
 }
 
-/// Several queries over one i8 cache in one `decode_attention_shared` call (a batch's answers to one
+/// Several queries over one cache in one `decode_attention_shared` call (a batch's answers to one
 /// prompt), hot: µs per call and per query, against one query alone.
-fn shared_attention_rows(shape: &AttentionShape, cache: &(Vec<i8>, Vec<f32>), len: usize, reps: usize) {
-    let piece = [CacheRows {
-        keys: &cache.0[..],
-        values: &cache.0[..],
-        scales: Some(RowScales {
-            keys: &cache.1,
-            values: &cache.1,
-        }),
-        len,
-    }];
-    println!("  shared i8 cache of {len}, hot: readers, µs per call, µs per reader");
+fn shared_attention_rows<T: CacheValue>(name: &str, shape: &AttentionShape, piece: CacheRows<T>, reps: usize) {
+    let (len, piece) = (piece.len, [piece]);
+    println!("  shared {name} cache of {len}, hot: readers, µs per call, µs per reader");
     for readers in [1usize, 2, 8] {
         let qs: Vec<Vec<f32>> = (0..readers).map(|r| data(1280, 11 + r as u32)).collect();
         let mut outs = vec![vec![0f32; 1280]; readers];

@@ -381,95 +381,64 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     #[doc(hidden)]
     unsafe fn widen<'a>(src: &'a [Self], buf: &'a mut [f32], f16c: bool) -> &'a [f32];
 
-    /// `Σ q·k` with the explicit AVX2 (`L` = 8) or AVX-512 (`L` = 16) kernel.
+    /// `dst[i] = src[i]` as f32 with the explicit AVX2 (`L` = 8) or AVX-512 (`L` = 16) kernel.
     ///
     /// # Safety
     /// The instruction set of `L` must be available (AVX2, FMA and F16C; AVX-512 F for 16).
     #[doc(hidden)]
     #[cfg(target_arch = "x86_64")]
-    unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[Self]) -> f32;
+    unsafe fn simd_widen<const L: usize>(src: &[Self], dst: &mut [f32]);
 
-    /// `acc += Σ_k p[k]·v[k]` with the explicit AVX2 (`L` = 8) or AVX-512 (`L` = 16) kernel.
+    /// The scores of one query against a block of `L` rows at `stride` (`simd::attention_kernels!`'s
+    /// `dot_block_*`), into `out[..L]`.
     ///
     /// # Safety
-    /// As [`Self::simd_dot`].
+    /// As [`Self::simd_widen`].
     #[doc(hidden)]
     #[cfg(target_arch = "x86_64")]
-    unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[Self]; 4]);
+    unsafe fn simd_dot_block<const L: usize>(q: &[f32], rows: &[Self], stride: usize, out: &mut [f32]);
 
-    /// [`Self::simd_dot`] of two queries against one row, each result bit for bit its own call's;
-    /// f16 and i8 rows are read and widened once for both.
+    /// `acc += Σ_p w[p]·rows[p]` over `w.len()` rows at `stride` (`simd::attention_kernels!`'s
+    /// `axpy_block_*`).
     ///
     /// # Safety
-    /// As [`Self::simd_dot`].
+    /// As [`Self::simd_widen`].
     #[doc(hidden)]
     #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_dot2<const L: usize>(q: [&[f32]; 2], k: &[Self]) -> [f32; 2] {
-        [Self::simd_dot::<L>(q[0], k), Self::simd_dot::<L>(q[1], k)]
-    }
-
-    /// [`Self::simd_axpy4`] for two queries over the same rows, as [`Self::simd_dot2`].
-    ///
-    /// # Safety
-    /// As [`Self::simd_dot`].
-    #[doc(hidden)]
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn simd_axpy4x2<const L: usize>(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[Self]; 4]) {
-        let [acc0, acc1] = acc;
-        Self::simd_axpy4::<L>(acc0, p[0], v);
-        Self::simd_axpy4::<L>(acc1, p[1], v);
-    }
+    unsafe fn simd_axpy_block<const L: usize>(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize);
 }
 
-/// A [`CacheValue`]'s `simd_dot2` and `simd_axpy4x2` (f16 and i8 rows, which a second query reads
-/// without widening them again).
-macro_rules! simd_pair_kernels {
-    ($t:ty, $dot2:ident, $axpy4x2:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        unsafe fn simd_dot2<const L: usize>(q: [&[f32]; 2], k: &[$t]) -> [f32; 2] {
-            if L == 16 {
-                crate::simd::avx512::$dot2(q, k)
-            } else {
-                crate::simd::x86::$dot2(q, k)
-            }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        unsafe fn simd_axpy4x2<const L: usize>(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[$t]; 4]) {
-            if L == 16 {
-                crate::simd::avx512::$axpy4x2(acc, p, v)
-            } else {
-                crate::simd::x86::$axpy4x2(acc, p, v)
-            }
-        }
-    };
-}
-
-/// A [`CacheValue`]'s `simd_dot` and `simd_axpy4`: the explicit kernels of its type (`attention_kernels!`
-/// in `simd/mod.rs`), AVX-512 for 16 lanes, AVX2 for 8.
+/// A [`CacheValue`]'s explicit kernels (`attention_kernels!` in `simd/mod.rs`): AVX-512 for 16
+/// lanes, AVX2 for 8.
 macro_rules! simd_kernels {
-    ($t:ty, $dot:ident, $axpy4:ident) => {
+    ($t:ty, $widen:ident, $dot:ident, $axpy:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        unsafe fn simd_dot<const L: usize>(q: &[f32], k: &[$t]) -> f32 {
+        unsafe fn simd_widen<const L: usize>(src: &[$t], dst: &mut [f32]) {
             if L == 16 {
-                crate::simd::avx512::$dot(q, k)
+                crate::simd::avx512::$widen(src, dst)
             } else {
-                crate::simd::x86::$dot(q, k)
+                crate::simd::x86::$widen(src, dst)
             }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        unsafe fn simd_axpy4<const L: usize>(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
+        unsafe fn simd_dot_block<const L: usize>(q: &[f32], rows: &[$t], stride: usize, out: &mut [f32]) {
             if L == 16 {
-                crate::simd::avx512::$axpy4(acc, p, v)
+                crate::simd::avx512::$dot(q, rows, stride, out)
             } else {
-                crate::simd::x86::$axpy4(acc, p, v)
+                crate::simd::x86::$dot(q, rows, stride, out)
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn simd_axpy_block<const L: usize>(acc: &mut [f32], w: &[f32], rows: &[$t], stride: usize) {
+            if L == 16 {
+                crate::simd::avx512::$axpy(acc, w, rows, stride)
+            } else {
+                crate::simd::x86::$axpy(acc, w, rows, stride)
             }
         }
     };
@@ -486,7 +455,7 @@ impl CacheValue for f32 {
         src
     }
 
-    simd_kernels!(f32, dot_f32, axpy4_f32);
+    simd_kernels!(f32, widen_f32, dot_block_f32, axpy_block_f32);
 }
 
 impl CacheValue for half::f16 {
@@ -524,8 +493,7 @@ impl CacheValue for half::f16 {
         buf
     }
 
-    simd_kernels!(half::f16, dot_f16, axpy4_f16);
-    simd_pair_kernels!(half::f16, dot2_f16, axpy4x2_f16);
+    simd_kernels!(half::f16, widen_f16, dot_block_f16, axpy_block_f16);
 }
 
 impl CacheValue for i8 {
@@ -545,8 +513,7 @@ impl CacheValue for i8 {
         buf
     }
 
-    simd_kernels!(i8, dot_i8, axpy4_i8);
-    simd_pair_kernels!(i8, dot2_i8, axpy4x2_i8);
+    simd_kernels!(i8, widen_i8, dot_block_i8, axpy_block_i8);
 }
 
 /// Dot product with four vectors of `L` partial sums: one vector's chain of dependent adds (about
@@ -606,7 +573,7 @@ fn sum_lanes<const L: usize>(mut v: [f32; L]) -> f32 {
 /// query; otherwise each f16 or i8 row is widened once into a buffer for all heads.
 ///
 /// # Safety
-/// With `f16c`, the instruction set of `L` must be available (see [`CacheValue::simd_dot`]).
+/// With `f16c`, the instruction set of `L` must be available (see [`CacheValue::simd_widen`]).
 #[inline(always)]
 pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: bool>(
     q: &[f32],
@@ -699,15 +666,35 @@ pub(crate) unsafe fn attend_positions<const L: usize, T: CacheValue, const FMA: 
     Partial { max, sum, acc }
 }
 
+/// Readers of a block of f16 or i8 rows from which [`attend_positions_shared`] widens it once into
+/// an f32 copy for all of them, rather than each reading it in place. Widening is most of the work
+/// for one reader (it alone bounds an f16 block on Zen 4, one `vcvtph2ps` per two cycles), and
+/// reading the copy costs about as much as widening in registers again, so it pays from about 3
+/// readers on (per-position cycles at tiny's shape, Zen 4: in place 17.5 scores, 17.6 values;
+/// widening 17.9 per row, then 10.5 scores, 12.2 values per reader).
+const WIDEN_FOR_READERS: usize = 4;
+
+/// How many blocks ahead of its reads [`attend_positions_shared`] prefetches, each head's rows as it
+/// starts on that head. Issued a whole block of rows at once (640 lines of an f16 block at tiny's
+/// shape), the prefetches stalled the core on its full miss queue: half the kernel's time.
+const BLOCKS_AHEAD: usize = 2;
+
 /// [`attend_positions`] with the explicit kernels (`f16c`), for one query or several over the same
-/// positions (the readers of a cache piece they share, see [`decode_attention_shared`]): the
-/// queries go in pairs through kernels that read and widen each row once for both
-/// ([`CacheValue::simd_dot2`], [`CacheValue::simd_axpy4x2`]), an odd one (or a lone one) through the
-/// one-query kernels. Each query's result is bit for bit what it gets alone: the pair kernels do the
-/// one-query kernels' operations on the same values, in order.
+/// positions (the readers of a cache piece they share, see [`decode_attention_shared`]). The
+/// positions go in blocks of `L`, one key or value head at a time, through kernels that keep a
+/// block's `L` scores or a head's output in registers (`simd::attention_kernels!`); with
+/// [`WIDEN_FOR_READERS`] or more queries, each block is widened to f32 once for all of them. Each
+/// query's result is bit for bit what it gets alone: its arithmetic does not depend on the others.
+///
+/// Against the kernels this replaced (one position at a time, a horizontal sum per score, readers
+/// in pairs), `kernel_bench -- quick attention` at tiny's shape (10 heads x 128, 1039 positions,
+/// 2-vCPU Zen 4, one run each): f16 cache hot 105 -> 89 µs, cold 200 -> 203-213 µs; one call of 8
+/// readers of a shared f16 cache 557 -> 470 µs, i8 530 -> 478 µs. In `dsvl2 bench` (tiny q8_0,
+/// 1039-token prompt, three interleaved rounds, bandwidth probes ~36 GB/s): batch 8 237-248 ->
+/// 258-259 tokens/s, batch 1 unchanged (46.7-47.5 vs 45.9-47.7).
 ///
 /// # Safety
-/// The instruction set of `L` must be available, with F16C (see [`CacheValue::simd_dot`]).
+/// The instruction set of `L` must be available, with F16C (see [`CacheValue::simd_widen`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
@@ -719,28 +706,44 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     s: &AttentionShape,
 ) -> Vec<Partial> {
     let (n, group) = (positions.len(), s.heads / s.kv_heads);
-    let (key_width, value_width) = (s.kv_heads * s.key_dim, s.kv_heads * s.value_dim);
     let (key_scales, value_scales) = (scales.map(|sc| sc.keys), scales.map(|sc| sc.values));
+    let widen = queries.len() >= WIDEN_FOR_READERS && std::mem::size_of::<T>() < 4;
+    // A block of one head's rows widened to f32 (and the last block of keys when it is short of L
+    // rows, whose missing rows keep what they held: their scores are dropped). Cache-line aligned.
+    let mut block = vec![0f32; L * s.key_dim.max(s.value_dim) + 16];
+    let aligned = block.as_ptr().align_offset(64).min(16);
+    let block = &mut block[aligned..];
     // scores[r][h * n + i]: query r, head h, position positions.start + i.
     let mut scores = vec![vec![0f32; s.heads * n]; queries.len()];
-    let keys_ahead = rows_ahead::<T>(key_width);
-    for (i, j) in positions.clone().enumerate() {
-        prefetch_row(keys, (j + keys_ahead) * s.key_stride, key_width);
-        let row = &keys[j * s.key_stride..][..key_width];
-        for h in 0..s.heads {
-            let k = &row[(h / group) * s.key_dim..(h / group + 1) * s.key_dim];
-            // As `attend_positions` rounds it: (dot · scale) · the row's scale.
-            let row_scale = row_scale(key_scales, j, h / group, s.kv_heads);
-            let head = h * s.key_dim..(h + 1) * s.key_dim;
-            let mut r = 0;
-            while r + 2 <= queries.len() {
-                let dots = T::simd_dot2::<L>([&queries[r][head.clone()], &queries[r + 1][head.clone()]], k);
-                scores[r][h * n + i] = dots[0] * s.scale * row_scale;
-                scores[r + 1][h * n + i] = dots[1] * s.scale * row_scale;
-                r += 2;
+    let mut dots = [0f32; L];
+    for i0 in (0..n).step_by(L) {
+        let (j0, rows) = (positions.start + i0, L.min(n - i0));
+        for g in 0..s.kv_heads {
+            for j in j0..j0 + rows {
+                prefetch_row(keys, (j + BLOCKS_AHEAD * L) * s.key_stride + g * s.key_dim, s.key_dim);
             }
-            if r < queries.len() {
-                scores[r][h * n + i] = T::simd_dot::<L>(&queries[r][head], k) * s.scale * row_scale;
+            let in_place = &keys[j0 * s.key_stride + g * s.key_dim..];
+            let widened = widen || rows < L;
+            if widened {
+                for p in 0..rows {
+                    let row = &in_place[p * s.key_stride..][..s.key_dim];
+                    T::simd_widen::<L>(row, &mut block[p * s.key_dim..][..s.key_dim]);
+                }
+            }
+            for h in g * group..(g + 1) * group {
+                for (q, scores) in queries.iter().zip(&mut scores) {
+                    let q = &q[h * s.key_dim..][..s.key_dim];
+                    if widened {
+                        f32::simd_dot_block::<L>(q, block, s.key_dim, &mut dots);
+                    } else {
+                        T::simd_dot_block::<L>(q, in_place, s.key_stride, &mut dots);
+                    }
+                    for (p, &dot) in dots[..rows].iter().enumerate() {
+                        // As `attend_positions` rounds it: (dot · scale) · the row's scale.
+                        let row_scale = row_scale(key_scales, j0 + p, g, s.kv_heads);
+                        scores[h * n + i0 + p] = dot * s.scale * row_scale;
+                    }
+                }
             }
         }
     }
@@ -755,63 +758,37 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
         let acc = vec![0f32; s.heads * s.value_dim];
         partials.push(Partial { max, sum, acc });
     }
-    // Values four positions at a time, as `attend_positions`.
-    let start = positions.start;
-    let values_ahead = rows_ahead::<T>(value_width);
-    let mut i = 0;
-    while i + 4 <= n {
-        let j = start + i;
-        for jj in j..j + 4 {
-            prefetch_row(values, (jj + values_ahead) * s.value_stride, value_width);
-        }
-        let row = |jj: usize| &values[jj * s.value_stride..][..value_width];
-        let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
-        for h in 0..s.heads {
-            let offset = (h / group) * s.value_dim;
-            let v = [
-                &rows[0][offset..][..s.value_dim],
-                &rows[1][offset..][..s.value_dim],
-                &rows[2][offset..][..s.value_dim],
-                &rows[3][offset..][..s.value_dim],
-            ];
-            let weights = |r: usize| {
-                row_weights(
-                    &scores[r][h * n + i..h * n + i + 4],
-                    value_scales,
-                    j,
-                    h / group,
-                    s.kv_heads,
-                )
-            };
-            let mut pairs = partials.chunks_exact_mut(2);
-            for (k, pair) in pairs.by_ref().enumerate() {
-                let [a, b] = pair else { unreachable!("chunks of two") };
-                let acc = [
-                    &mut a.acc[h * s.value_dim..][..s.value_dim],
-                    &mut b.acc[h * s.value_dim..][..s.value_dim],
-                ];
-                T::simd_axpy4x2::<L>(acc, [weights(2 * k), weights(2 * k + 1)], v);
-            }
-            if let [last] = pairs.into_remainder() {
-                T::simd_axpy4::<L>(
-                    &mut last.acc[h * s.value_dim..][..s.value_dim],
-                    weights(queries.len() - 1),
-                    v,
+    let mut weights = [0f32; L];
+    for i0 in (0..n).step_by(L) {
+        let (j0, rows) = (positions.start + i0, L.min(n - i0));
+        for g in 0..s.kv_heads {
+            for j in j0..j0 + rows {
+                prefetch_row(
+                    values,
+                    (j + BLOCKS_AHEAD * L) * s.value_stride + g * s.value_dim,
+                    s.value_dim,
                 );
             }
-        }
-        i += 4;
-    }
-    // The last positions one at a time, widened once for all the queries.
-    let mut buf = vec![0f32; value_width];
-    for i in i..n {
-        let row = value_row(values, start + i, s, &mut buf, true);
-        for (scores, partial) in scores.iter().zip(&mut partials) {
-            for h in 0..s.heads {
-                let v = &row[(h / group) * s.value_dim..(h / group + 1) * s.value_dim];
-                let p = scores[h * n + i] * row_scale(value_scales, start + i, h / group, s.kv_heads);
-                let acc = &mut partial.acc[h * s.value_dim..(h + 1) * s.value_dim];
-                acc.iter_mut().zip(v).for_each(|(a, v)| *a += p * v);
+            let in_place = &values[j0 * s.value_stride + g * s.value_dim..];
+            if widen {
+                for p in 0..rows {
+                    let row = &in_place[p * s.value_stride..][..s.value_dim];
+                    T::simd_widen::<L>(row, &mut block[p * s.value_dim..][..s.value_dim]);
+                }
+            }
+            for h in g * group..(g + 1) * group {
+                for (scores, partial) in scores.iter().zip(&mut partials) {
+                    // The softmax's weights times the rows' scales (8-bit caches).
+                    for (p, w) in weights[..rows].iter_mut().enumerate() {
+                        *w = scores[h * n + i0 + p] * row_scale(value_scales, j0 + p, g, s.kv_heads);
+                    }
+                    let acc = &mut partial.acc[h * s.value_dim..][..s.value_dim];
+                    if widen {
+                        f32::simd_axpy_block::<L>(acc, &weights[..rows], block, s.value_dim);
+                    } else {
+                        T::simd_axpy_block::<L>(acc, &weights[..rows], in_place, s.value_stride);
+                    }
+                }
             }
         }
     }
@@ -883,7 +860,7 @@ impl Isa {
     /// Every query of `queries` over `positions` of `cache` at once, when this instruction set has a
     /// kernel for that: AMX-INT8 for an i8 cache of 128-value heads and enough queries (see
     /// `simd::amx_attention`), else the explicit kernels for two or more queries over an f16 or i8
-    /// cache, two at a time ([`attend_positions_shared`]); `None` otherwise, and the queries run one
+    /// cache, in blocks read once for all of them ([`attend_positions_shared`]); `None` otherwise, and the queries run one
     /// at a time.
     fn attend_positions_many<T: CacheValue>(
         self,
@@ -907,7 +884,7 @@ impl Isa {
                 }
             }
         }
-        // Otherwise, with explicit kernels, two queries at a time read each f16 or i8 row once.
+        // Otherwise, with explicit kernels, the queries go through each block of f16 or i8 rows together.
         #[cfg(target_arch = "x86_64")]
         if queries.len() >= 2 && std::mem::size_of::<T>() < 4 {
             let (keys, values, scales) = (cache.keys, cache.values, cache.scales);

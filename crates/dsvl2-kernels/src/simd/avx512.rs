@@ -472,9 +472,53 @@ super::generic_kernels!("avx512f,avx2,fma,f16c", 16);
 
 super::attention_kernels! {
     features: "avx512f,avx2,fma,f16c", lanes: 16, zero: _mm512_setzero_ps, splat: _mm512_set1_ps,
-    load: _mm512_loadu_ps, store: _mm512_storeu_ps, add: _mm512_add_ps, mul: _mm512_mul_ps,
-    fmadd: _mm512_fmadd_ps, sum: _mm512_reduce_add_ps, widen_f16: _mm512_cvtph_ps, f16_bits: __m256i,
-    load_bits: _mm256_loadu_si256, load_i8: load_i8_ps
+    load: _mm512_loadu_ps, store: _mm512_storeu_ps, fmadd: _mm512_fmadd_ps, reduce_half: reduce_half,
+    combine: combine,
+    widen_f16: _mm512_cvtph_ps, f16_bits: __m256i, load_bits: _mm256_loadu_si256, load_i8: load_i8_ps
+}
+
+/// The lane sums of 8 vectors, as the first three steps of a transposing tree: quarter `k` of the
+/// result holds vector `k`'s two partial sums (lanes 0-1) and vector `k + 4`'s (lanes 2-3).
+/// [`combine`] finishes two such halves of a block. Every sum adds its lanes in the same order,
+/// `i + 8`, then `i + 4`, `i + 2`, `i + 1` apart.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_half(v: [__m512; 8]) -> __m512 {
+    // 256-bit halves: vector `2k`'s 8 sums of lanes `i, i + 8` in lanes 0-7, `2k + 1`'s in 8-15.
+    let s = [0, 1, 2, 3].map(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+    });
+    // 128-bit quarters: quarter `k` of `u[m]` holds vector `4m + k`'s 4 sums.
+    let u = [0, 1].map(|m| {
+        let (a, b) = (s[2 * m], s[2 * m + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+    });
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(u[0], u[1]),
+        _mm512_shuffle_ps::<0xEE>(u[0], u[1]),
+    )
+}
+
+/// The lane sums of a block's 16 vectors from its two [`reduce_half`]s, vector `p`'s in lane `p`.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn combine(x: [__m512; 2]) -> __m512 {
+    // Quarter `k` holds the sums of vectors `k, k + 4, k + 8, k + 12`: transposed back.
+    let z = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(x[0], x[1]),
+        _mm512_shuffle_ps::<0xDD>(x[0], x[1]),
+    );
+    _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+        z,
+    )
 }
 
 /// 16 signed bytes from `p` as f32 lanes (an i8 cache row's values).

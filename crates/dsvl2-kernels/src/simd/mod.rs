@@ -230,182 +230,140 @@ macro_rules! generic_kernels {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use generic_kernels;
 
-/// Instantiates decode attention's explicit kernels for one instruction set, reading cache rows of
-/// f32, f16 or i8 in place (f16 widened in registers by `$widen`, i8 by `$load_i8`, so no f32 copy of
-/// each row is made): `dot_*` give `Σ a·b` (the scores; four accumulators, then one horizontal `$sum`),
-/// and `axpy4_*` do `acc += Σ_k p_k·v_k` over four rows (the values; each head's
-/// accumulator row is loaded and stored once per four positions). Written with intrinsics: LLVM
-/// vectorised the generic loops with stack spills and scalar adds (AVX-512) or 2-lane loads (AVX2),
-/// per `perf annotate`. The other arguments name the intrinsics for vectors of `$lanes` f32.
+/// Instantiates decode attention's explicit kernels for one instruction set. They work on blocks of
+/// `$lanes` positions of one key or value head, cache rows of f32, f16 or i8 read in place (f16
+/// widened in registers by `$widen`, i8 by `$load_i8`), or from an f32 copy (`widen_*`) when enough
+/// readers share the block to repay it:
+/// - `dot_block_*` give the `$lanes` scores of one query: one chain of fused multiply-adds per
+///   position, then `$reduce_half` and `$combine` sum the accumulators' lanes as a transposing tree
+///   (about 3 shuffles or adds per position) instead of one horizontal sum per position (8 on
+///   AVX-512);
+/// - `axpy_block_*` add a block's weighted values to a head's output, 8 vectors of it held in
+///   registers over the block's positions (one load and store per block, not per position).
+///
+/// A position's arithmetic is the same in every variant (widening is exact), so a query's result
+/// does not depend on the other queries of a call.
+/// Written with intrinsics: LLVM vectorised generic loops with stack spills and scalar adds
+/// (AVX-512) or 2-lane loads (AVX2), per `perf annotate`. The other arguments name the intrinsics for
+/// vectors of `$lanes` f32.
 #[cfg(target_arch = "x86_64")]
 macro_rules! attention_kernels {
     (
         features: $features:literal, lanes: $lanes:literal, zero: $zero:ident, splat: $splat:ident,
-        load: $load:ident, store: $store:ident, add: $add:ident, mul: $mul:ident, fmadd: $fmadd:ident,
-        sum: $sum:ident, widen_f16: $widen:ident, f16_bits: $bits:ty, load_bits: $load_bits:ident,
-        load_i8: $load_i8:ident
+        load: $load:ident, store: $store:ident, fmadd: $fmadd:ident, reduce_half: $reduce_half:ident,
+        combine: $combine:ident, widen_f16: $widen:ident, f16_bits: $bits:ty, load_bits: $load_bits:ident, load_i8: $load_i8:ident
     ) => {
-        $crate::simd::attention_kernels!(@dot dot_f32, f32, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
-            |p| $load(p));
-        $crate::simd::attention_kernels!(@dot dot_f16, half::f16, $features, $lanes, $zero, $load, $add, $fmadd,
-            $sum, |p| $widen($load_bits(p as *const $bits)));
-        $crate::simd::attention_kernels!(@axpy4 axpy4_f32, f32, $features, $lanes, $splat, $load, $store, $add,
-            $mul, $fmadd, |p| $load(p));
-        $crate::simd::attention_kernels!(@axpy4 axpy4_f16, half::f16, $features, $lanes, $splat, $load, $store,
-            $add, $mul, $fmadd, |p| $widen($load_bits(p as *const $bits)));
-        $crate::simd::attention_kernels!(@dot dot_i8, i8, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
-            |p| $load_i8(p));
-        $crate::simd::attention_kernels!(@axpy4 axpy4_i8, i8, $features, $lanes, $splat, $load, $store, $add,
-            $mul, $fmadd, |p| $load_i8(p));
-        $crate::simd::attention_kernels!(@dot2 dot2_f16, half::f16, $features, $lanes, $zero, $load, $add, $fmadd,
-            $sum, |p| $widen($load_bits(p as *const $bits)));
-        $crate::simd::attention_kernels!(@axpy4x2 axpy4x2_f16, half::f16, $features, $lanes, $splat, $load, $store,
-            $add, $mul, $fmadd, |p| $widen($load_bits(p as *const $bits)));
-        $crate::simd::attention_kernels!(@dot2 dot2_i8, i8, $features, $lanes, $zero, $load, $add, $fmadd, $sum,
-            |p| $load_i8(p));
-        $crate::simd::attention_kernels!(@axpy4x2 axpy4x2_i8, i8, $features, $lanes, $splat, $load, $store, $add,
-            $mul, $fmadd, |p| $load_i8(p));
+        $crate::simd::attention_kernels!(@kernels $features, $lanes, $zero, $splat, $load, $store, $fmadd, $reduce_half, $combine,
+            widen_f32, dot_block_f32, axpy_block_f32, f32, |p| $load(p));
+        $crate::simd::attention_kernels!(@kernels $features, $lanes, $zero, $splat, $load, $store, $fmadd, $reduce_half, $combine,
+            widen_f16, dot_block_f16, axpy_block_f16, half::f16, |p| $widen($load_bits(p as *const $bits)));
+        $crate::simd::attention_kernels!(@kernels $features, $lanes, $zero, $splat, $load, $store, $fmadd, $reduce_half, $combine,
+            widen_i8, dot_block_i8, axpy_block_i8, i8, |p| $load_i8(p));
     };
-    (@dot2 $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
-        $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {
-        /// `[Σ a[0]·b, Σ a[1]·b]`: two queries against one row, read and widened once. Each sum is
-        /// bit for bit the one-query kernel's (the same operations on the same values, in order).
+    (@kernels $features:literal, $lanes:literal, $zero:ident, $splat:ident, $load:ident, $store:ident,
+        $fmadd:ident, $reduce_half:ident, $combine:ident, $widen:ident, $dot:ident, $axpy:ident, $t:ty, |$p:ident| $row:expr) => {
+        /// `dst[i] = src[i]` as f32, for the first `min(len)` values.
         ///
         /// # Safety
         /// This module's features must be available.
         #[inline]
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(a: [&[f32]; 2], b: &[$t]) -> [f32; 2] {
-            let n = a[0].len().min(a[1].len()).min(b.len());
-            let (mut acc0, mut acc1) = ([$zero(); 4], [$zero(); 4]);
+        pub(crate) unsafe fn $widen(src: &[$t], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
             let mut i = 0;
-            while i + 4 * $lanes <= n {
-                for k in 0..4 {
-                    let $p = b.as_ptr().add(i + $lanes * k);
-                    let row = $row;
-                    acc0[k] = $fmadd($load(a[0].as_ptr().add(i + $lanes * k)), row, acc0[k]);
-                    acc1[k] = $fmadd($load(a[1].as_ptr().add(i + $lanes * k)), row, acc1[k]);
+            while i + $lanes <= n {
+                let $p = src.as_ptr().add(i);
+                $store(dst.as_mut_ptr().add(i), $row);
+                i += $lanes;
+            }
+            for i in i..n {
+                dst[i] = crate::CacheValue::to_f32(src[i]);
+            }
+        }
+
+        /// `out[p] = Σ_d q[d]·rows[p·stride + d]` for the block's `$lanes` rows (`out[..$lanes]`).
+        ///
+        /// # Safety
+        /// This module's features must be available.
+        ///
+        /// # Panics
+        /// If `rows` holds fewer than `$lanes` rows of `q.len()` values at `stride`, or `out` fewer
+        /// than `$lanes` values.
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $dot(q: &[f32], rows: &[$t], stride: usize, out: &mut [f32]) {
+            let dim = q.len();
+            assert!(stride >= dim && rows.len() >= ($lanes - 1) * stride + dim && out.len() >= $lanes);
+            let vectors = dim / $lanes;
+            // Half a block at a time: with a whole block's accumulators live, LLVM widened all its
+            // rows first and spilled half the accumulators to the stack (perf annotate).
+            // (A loop, not `array::from_fn`: a closure would not inherit this function's features.)
+            let mut halves = [$zero(); 2];
+            for (half, sums) in halves.iter_mut().enumerate() {
+                let mut acc = [$zero(); $lanes / 2];
+                for c in 0..vectors {
+                    let q = $load(q.as_ptr().add(c * $lanes));
+                    let row = rows.as_ptr().add(half * ($lanes / 2) * stride + c * $lanes);
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        let $p = row.add(p * stride);
+                        *acc = $fmadd(q, $row, *acc);
+                    }
                 }
-                i += 4 * $lanes;
+                *sums = $reduce_half(acc);
             }
-            while i + $lanes <= n {
-                let $p = b.as_ptr().add(i);
-                let row = $row;
-                acc0[0] = $fmadd($load(a[0].as_ptr().add(i)), row, acc0[0]);
-                acc1[0] = $fmadd($load(a[1].as_ptr().add(i)), row, acc1[0]);
-                i += $lanes;
-            }
-            let mut sums = [
-                $sum($add($add(acc0[0], acc0[1]), $add(acc0[2], acc0[3]))),
-                $sum($add($add(acc1[0], acc1[1]), $add(acc1[2], acc1[3]))),
-            ];
-            for j in i..n {
-                let v = crate::CacheValue::to_f32(b[j]);
-                sums[0] += a[0][j] * v;
-                sums[1] += a[1][j] * v;
-            }
-            sums
-        }
-    };
-    (@axpy4x2 $name:ident, $t:ty, $features:literal, $lanes:literal, $splat:ident, $load:ident, $store:ident,
-        $add:ident, $mul:ident, $fmadd:ident, |$p:ident| $row:expr) => {
-        /// `acc[r] += Σ_k p[r][k]·v[k]` for two queries `r` over the same four rows, read and widened
-        /// once. Each result is bit for bit the one-query kernel's.
-        ///
-        /// # Safety
-        /// This module's features must be available.
-        #[inline]
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(acc: [&mut [f32]; 2], p: [[f32; 4]; 2], v: [&[$t]; 4]) {
-            let n = acc[0].len().min(acc[1].len()).min(v[0].len()).min(v[1].len()).min(v[2].len()).min(v[3].len());
-            let [acc0, acc1] = acc;
-            let w0 = [$splat(p[0][0]), $splat(p[0][1]), $splat(p[0][2]), $splat(p[0][3])];
-            let w1 = [$splat(p[1][0]), $splat(p[1][1]), $splat(p[1][2]), $splat(p[1][3])];
-            let mut i = 0;
-            while i + $lanes <= n {
-                let $p = v[0].as_ptr().add(i);
-                let x0 = $row;
-                let $p = v[1].as_ptr().add(i);
-                let x1 = $row;
-                let $p = v[2].as_ptr().add(i);
-                let x2 = $row;
-                let $p = v[3].as_ptr().add(i);
-                let x3 = $row;
-                let sum = $add($fmadd(w0[0], x0, $mul(w0[1], x1)), $fmadd(w0[2], x2, $mul(w0[3], x3)));
-                let out = acc0.as_mut_ptr().add(i);
-                $store(out, $add($load(out), sum));
-                let sum = $add($fmadd(w1[0], x0, $mul(w1[1], x1)), $fmadd(w1[2], x2, $mul(w1[3], x3)));
-                let out = acc1.as_mut_ptr().add(i);
-                $store(out, $add($load(out), sum));
-                i += $lanes;
-            }
-            for d in i..n {
-                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
-                acc0[d] += (p[0][0] * x0 + p[0][1] * x1) + (p[0][2] * x2 + p[0][3] * x3);
-                acc1[d] += (p[1][0] * x0 + p[1][1] * x1) + (p[1][2] * x2 + p[1][3] * x3);
-            }
-        }
-    };
-    (@dot $name:ident, $t:ty, $features:literal, $lanes:literal, $zero:ident, $load:ident, $add:ident,
-        $fmadd:ident, $sum:ident, |$p:ident| $row:expr) => {
-        /// `Σ a·b` (see `attention_kernels!`).
-        ///
-        /// # Safety
-        /// This module's features must be available.
-        #[inline]
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(a: &[f32], b: &[$t]) -> f32 {
-            let n = a.len().min(b.len());
-            let mut acc = [$zero(); 4];
-            let mut i = 0;
-            while i + 4 * $lanes <= n {
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let $p = b.as_ptr().add(i + $lanes * k);
-                    *acc = $fmadd($load(a.as_ptr().add(i + $lanes * k)), $row, *acc);
+            $store(out.as_mut_ptr(), $combine(halves));
+            for (p, out) in out[..$lanes].iter_mut().enumerate() {
+                let row = &rows[p * stride..][..dim];
+                for d in vectors * $lanes..dim {
+                    *out += q[d] * crate::CacheValue::to_f32(row[d]);
                 }
-                i += 4 * $lanes;
             }
-            while i + $lanes <= n {
-                let $p = b.as_ptr().add(i);
-                acc[0] = $fmadd($load(a.as_ptr().add(i)), $row, acc[0]);
-                i += $lanes;
-            }
-            let mut sum = $sum($add($add(acc[0], acc[1]), $add(acc[2], acc[3])));
-            for j in i..n {
-                sum += a[j] * crate::CacheValue::to_f32(b[j]);
-            }
-            sum
         }
-    };
-    (@axpy4 $name:ident, $t:ty, $features:literal, $lanes:literal, $splat:ident, $load:ident, $store:ident,
-        $add:ident, $mul:ident, $fmadd:ident, |$p:ident| $row:expr) => {
-        /// `acc += Σ_k p[k]·v[k]` (see `attention_kernels!`).
+
+        /// `acc[d] += Σ_p w[p]·rows[p·stride + d]` over the block's first `w.len()` rows.
         ///
         /// # Safety
         /// This module's features must be available.
+        ///
+        /// # Panics
+        /// If `rows` holds fewer than `w.len()` rows of `acc.len()` values at `stride`.
         #[inline]
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(acc: &mut [f32], p: [f32; 4], v: [&[$t]; 4]) {
-            let n = acc.len().min(v[0].len()).min(v[1].len()).min(v[2].len()).min(v[3].len());
-            let (p0, p1, p2, p3) = ($splat(p[0]), $splat(p[1]), $splat(p[2]), $splat(p[3]));
-            let mut i = 0;
-            while i + $lanes <= n {
-                let $p = v[0].as_ptr().add(i);
-                let x0 = $row;
-                let $p = v[1].as_ptr().add(i);
-                let x1 = $row;
-                let $p = v[2].as_ptr().add(i);
-                let x2 = $row;
-                let $p = v[3].as_ptr().add(i);
-                let x3 = $row;
-                let sum = $add($fmadd(p0, x0, $mul(p1, x1)), $fmadd(p2, x2, $mul(p3, x3)));
-                let out = acc.as_mut_ptr().add(i);
-                $store(out, $add($load(out), sum));
-                i += $lanes;
+        pub(crate) unsafe fn $axpy(acc: &mut [f32], w: &[f32], rows: &[$t], stride: usize) {
+            let dim = acc.len();
+            assert!(stride >= dim && (w.is_empty() || rows.len() >= (w.len() - 1) * stride + dim));
+            let vectors = dim / $lanes;
+            let (out, rows) = (acc.as_mut_ptr(), rows.as_ptr());
+            let mut c = 0;
+            while c + 8 <= vectors {
+                let mut a = [$zero(); 8];
+                for (k, a) in a.iter_mut().enumerate() {
+                    *a = $load(out.add((c + k) * $lanes));
+                }
+                for (p, &wp) in w.iter().enumerate() {
+                    let (wp, row) = ($splat(wp), rows.add(p * stride + c * $lanes));
+                    for (k, a) in a.iter_mut().enumerate() {
+                        let $p = row.add(k * $lanes);
+                        *a = $fmadd($row, wp, *a);
+                    }
+                }
+                for (k, a) in a.iter().enumerate() {
+                    $store(out.add((c + k) * $lanes), *a);
+                }
+                c += 8;
             }
-            for d in i..n {
-                let [x0, x1, x2, x3] = [v[0][d], v[1][d], v[2][d], v[3][d]].map(crate::CacheValue::to_f32);
-                acc[d] += (p[0] * x0 + p[1] * x1) + (p[2] * x2 + p[3] * x3);
+            for c in c..vectors {
+                let mut a = $load(out.add(c * $lanes));
+                for (p, &wp) in w.iter().enumerate() {
+                    let $p = rows.add(p * stride + c * $lanes);
+                    a = $fmadd($row, $splat(wp), a);
+                }
+                $store(out.add(c * $lanes), a);
+            }
+            for d in vectors * $lanes..dim {
+                for (p, &wp) in w.iter().enumerate() {
+                    *out.add(d) += wp * crate::CacheValue::to_f32(*rows.add(p * stride + d));
+                }
             }
         }
     };

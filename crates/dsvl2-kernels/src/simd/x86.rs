@@ -515,9 +515,48 @@ super::generic_kernels!("avx2,fma,f16c", 8);
 
 super::attention_kernels! {
     features: "avx2,fma,f16c", lanes: 8, zero: _mm256_setzero_ps, splat: _mm256_set1_ps,
-    load: _mm256_loadu_ps, store: _mm256_storeu_ps, add: _mm256_add_ps, mul: _mm256_mul_ps,
-    fmadd: _mm256_fmadd_ps, sum: hsum, widen_f16: _mm256_cvtph_ps, f16_bits: __m128i, load_bits: _mm_loadu_si128,
-    load_i8: load_i8_ps
+    load: _mm256_loadu_ps, store: _mm256_storeu_ps, fmadd: _mm256_fmadd_ps, reduce_half: reduce_half,
+    combine: combine,
+    widen_f16: _mm256_cvtph_ps, f16_bits: __m128i, load_bits: _mm_loadu_si128, load_i8: load_i8_ps
+}
+
+/// The lane sums of 4 vectors, as the first two steps of a transposing tree: half `k` of the result
+/// holds vector `k`'s two partial sums (lanes 0-1) and vector `k + 2`'s (lanes 2-3). [`combine`]
+/// finishes two such halves of a block. Every sum adds its lanes in the same order, `i + 4`, then
+/// `i + 2`, `i + 1` apart.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn reduce_half(v: [__m256; 4]) -> __m256 {
+    // 128-bit halves: vector `2k`'s 4 sums of lanes `i, i + 4` in lanes 0-3, `2k + 1`'s in 4-7.
+    let s = [0, 1].map(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    });
+    _mm256_add_ps(
+        _mm256_shuffle_ps::<0x44>(s[0], s[1]),
+        _mm256_shuffle_ps::<0xEE>(s[0], s[1]),
+    )
+}
+
+/// The lane sums of a block's 8 vectors from its two [`reduce_half`]s, vector `p`'s in lane `p`.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn combine(x: [__m256; 2]) -> __m256 {
+    // Half `k` holds the sums of vectors `k, k + 2, k + 4, k + 6`: transposed back.
+    let z = _mm256_add_ps(
+        _mm256_shuffle_ps::<0x88>(x[0], x[1]),
+        _mm256_shuffle_ps::<0xDD>(x[0], x[1]),
+    );
+    _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 /// 8 signed bytes from `p` as f32 lanes (an i8 cache row's values).
