@@ -719,17 +719,15 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     for i0 in (0..n).step_by(L) {
         let (j0, rows) = (positions.start + i0, L.min(n - i0));
         for g in 0..s.kv_heads {
-            for j in j0..j0 + rows {
-                prefetch_row(keys, (j + BLOCKS_AHEAD * L) * s.key_stride + g * s.key_dim, s.key_dim);
-            }
-            let in_place = &keys[j0 * s.key_stride + g * s.key_dim..];
             let widened = widen || rows < L;
-            if widened {
-                for p in 0..rows {
-                    let row = &in_place[p * s.key_stride..][..s.key_dim];
-                    T::simd_widen::<L>(row, &mut block[p * s.key_dim..][..s.key_dim]);
-                }
-            }
+            let in_place = head_block::<L, T>(
+                keys,
+                j0..j0 + rows,
+                s.key_stride,
+                g,
+                s.key_dim,
+                widened.then_some(&mut *block),
+            );
             for h in g * group..(g + 1) * group {
                 for (q, scores) in queries.iter().zip(&mut scores) {
                     let q = &q[h * s.key_dim..][..s.key_dim];
@@ -762,20 +760,14 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
     for i0 in (0..n).step_by(L) {
         let (j0, rows) = (positions.start + i0, L.min(n - i0));
         for g in 0..s.kv_heads {
-            for j in j0..j0 + rows {
-                prefetch_row(
-                    values,
-                    (j + BLOCKS_AHEAD * L) * s.value_stride + g * s.value_dim,
-                    s.value_dim,
-                );
-            }
-            let in_place = &values[j0 * s.value_stride + g * s.value_dim..];
-            if widen {
-                for p in 0..rows {
-                    let row = &in_place[p * s.value_stride..][..s.value_dim];
-                    T::simd_widen::<L>(row, &mut block[p * s.value_dim..][..s.value_dim]);
-                }
-            }
+            let in_place = head_block::<L, T>(
+                values,
+                j0..j0 + rows,
+                s.value_stride,
+                g,
+                s.value_dim,
+                widen.then_some(&mut *block),
+            );
             for h in g * group..(g + 1) * group {
                 for (scores, partial) in scores.iter().zip(&mut partials) {
                     // The softmax's weights times the rows' scales (8-bit caches).
@@ -793,6 +785,34 @@ pub(crate) unsafe fn attend_positions_shared<const L: usize, T: CacheValue>(
         }
     }
     partials
+}
+
+/// Head `g`'s rows (`dim` values each, `stride` apart) of a block of [`attend_positions_shared`]:
+/// prefetches the rows [`BLOCKS_AHEAD`] blocks on, widens the block's rows into `widened` (`dim`
+/// apart) when given, and returns the cache from the block's first row of that head on.
+///
+/// # Safety
+/// As [`CacheValue::simd_widen`] for `L`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn head_block<'a, const L: usize, T: CacheValue>(
+    cache: &'a [T],
+    block: std::ops::Range<usize>,
+    stride: usize,
+    g: usize,
+    dim: usize,
+    widened: Option<&mut [f32]>,
+) -> &'a [T] {
+    for j in block.clone() {
+        prefetch_row(cache, (j + BLOCKS_AHEAD * L) * stride + g * dim, dim);
+    }
+    let in_place = &cache[block.start * stride + g * dim..];
+    if let Some(widened) = widened {
+        for p in 0..block.len() {
+            T::simd_widen::<L>(&in_place[p * stride..][..dim], &mut widened[p * dim..][..dim]);
+        }
+    }
+    in_place
 }
 
 /// The scale of key/value head `g` at position `j` in an 8-bit cache's `scales`; 1.0 (exact) without.
@@ -860,8 +880,8 @@ impl Isa {
     /// Every query of `queries` over `positions` of `cache` at once, when this instruction set has a
     /// kernel for that: AMX-INT8 for an i8 cache of 128-value heads and enough queries (see
     /// `simd::amx_attention`), else the explicit kernels for two or more queries over an f16 or i8
-    /// cache, in blocks read once for all of them ([`attend_positions_shared`]); `None` otherwise, and the queries run one
-    /// at a time.
+    /// cache, in blocks read once for all of them ([`attend_positions_shared`]); `None` otherwise,
+    /// and the queries run one at a time.
     fn attend_positions_many<T: CacheValue>(
         self,
         queries: &[&[f32]],
@@ -884,7 +904,8 @@ impl Isa {
                 }
             }
         }
-        // Otherwise, with explicit kernels, the queries go through each block of f16 or i8 rows together.
+        // Otherwise, with explicit kernels, the queries go through each block of f16 or i8 rows
+        // together.
         #[cfg(target_arch = "x86_64")]
         if queries.len() >= 2 && std::mem::size_of::<T>() < 4 {
             let (keys, values, scales) = (cache.keys, cache.values, cache.scales);

@@ -1064,11 +1064,12 @@ fn decode_attention_shared_reads_pieces_in_order() {
 
 /// Queries sharing an f16 or i8 cache piece go together through each block of its rows
 /// (`attend_positions_shared`; from 4 readers on the block is widened once for all): each output is
-/// still bit for bit the query's own call, for 1-5 readers (rows read in place and widened), position
-/// counts with and without a short last block, and every test head layout. (On AMX-INT8, shared i8 pieces of 128-value heads take the tile
-/// kernel instead: `amx_attention_matches_the_dequantized_cache`.)
+/// still bit for bit the query's own call, for 1-5 readers (rows read in place and widened),
+/// position counts with and without a short last block, and every test head layout. (On AMX-INT8,
+/// shared i8 pieces of 128-value heads take the tile kernel instead:
+/// `amx_attention_matches_the_dequantized_cache`.)
 #[test]
-fn decode_attention_shared_pairs_match_single_queries() {
+fn decode_attention_shared_readers_match_single_queries() {
     fn run<T: crate::CacheValue>(
         isa: Isa,
         shape: &AttentionShape,
